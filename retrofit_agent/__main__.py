@@ -1,0 +1,3 @@
+from retrofit_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""The daemon's configuration: one validated pydantic model.
+
+Sources, lowest precedence first: field defaults, a TOML file (``--config``), environment
+variables (``RETROFIT_SECTION__FIELD``, e.g. ``RETROFIT_CAMERA__SOURCE``) and command-line
+flags. Validators are pure: they never touch files or hardware (that is the components'
+job at start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from retrofit_agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "RETROFIT_"
+ENV_CONFIG_FILE = "RETROFIT_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Section):
+    source: str = Field(
+        "/dev/video0",
+        description="V4L2 device (/dev/videoN or an index), video file, rtsp/http(s) URL, "
+        "or a GStreamer pipeline ending in appsink.",
+    )
+    id: str | None = Field(
+        None, description="Camera id used in messages, logs and metrics; defaults to the source's name."
+    )
+    kind: Literal["auto", "v4l2", "file", "url", "gstreamer"] = Field(
+        "auto", description="Source kind; 'auto' infers it from the source string."
+    )
+    loop: bool = Field(False, description="Restart a video file at its end instead of exiting.")
+    realtime: bool = Field(
+        False,
+        description="Pace a video file at its own frame rate, as a live camera would deliver it "
+        "(frames the model cannot keep up with are dropped). Off: every frame is processed.",
+    )
+    fourcc: str | None = Field(None, description="V4L2 pixel format to request, e.g. 'MJPG'.")
+    width: int | None = Field(None, gt=0, description="Requested capture width in pixels.")
+    height: int | None = Field(None, gt=0, description="Requested capture height in pixels.")
+    fps: float | None = Field(None, gt=0, description="Requested capture frame rate.")
+    open_timeout_s: float = Field(10.0, gt=0, description="Timeout for opening a network stream.")
+    read_timeout_s: float = Field(5.0, gt=0, description="Timeout for one read from a network stream.")
+    stall_timeout_s: float = Field(
+        5.0, gt=0, description="A live source that delivers no new frame for this long is reopened."
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles per failure.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Upper bound of the reconnect delay.")
+
+    @field_validator("fourcc")
+    @classmethod
+    def _four_chars(cls, v: str | None) -> str | None:
+        if v is not None and len(v) != 4:
+            raise ValueError(f"a FOURCC has exactly 4 characters, got {v!r}")
+        return v
+
+
+class ModelConfig(_Section):
+    bundle: Path = Field(
+        Path("models/reference"), description="Model bundle directory (manifest.json, model, bank)."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads; 0 lets onnxruntime use the physical cores."
+    )
+    warmup_runs: int = Field(3, ge=1, description="Inference runs before the daemon reports ready.")
+
+
+class LabelsConfig(_Section):
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-label probability thresholds overriding the manifest, keyed 'group.label'.",
+    )
+    smoothing_alpha: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="EMA weight of the newest frame's probabilities; 1.0 disables smoothing.",
+    )
+    hysteresis: float = Field(
+        0.0, ge=0, lt=1, description="A tag that is on turns off only below threshold - hysteresis."
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _threshold_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if key.count(".") != 1:
+                raise ValueError(f"threshold key {key!r} must be 'group.label'")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"threshold for {key!r} must be within [0, 1], got {value}")
+        return v
+
+
+class PublishConfig(_Section):
+    endpoint: str = Field(
+        "tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint (tcp:// or ipc://)."
+    )
+    send_hwm: int = Field(
+        100, ge=1, description="Messages queued per subscriber before ZeroMQ drops new ones."
+    )
+    linger_ms: int = Field(0, ge=0, description="How long close() waits to flush queued messages.")
+    status_interval_s: float = Field(
+        2.0, gt=0, description="Period of the 'status' message that late subscribers catch up with."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        if not v.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"endpoint must start with tcp://, ipc:// or inproc://, got {v!r}")
+        return v
+
+
+class MetricsConfig(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    address: str = Field(
+        "127.0.0.1:9108", description="host:port of the /metrics endpoint; port 0 picks a free one."
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"address must be host:port, got {v!r}")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+class LogConfig(_Section):
+    format: Literal["json", "console"] = Field(
+        "json", description="'json' lines for journald, 'console' for humans."
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum log level.")
+
+
+class AgentConfig(_Section):
+    camera: CameraConfig = Field(default_factory=CameraConfig, description="Frame source.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model bundle and runtime.")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="Zero-shot tagging.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="ZeroMQ publishing.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    max_frames: int | None = Field(
+        None, gt=0, description="Stop after this many processed frames (demos, tests)."
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file, turning every failure into a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested overrides from ``RETROFIT_SECTION__FIELD`` variables.
+
+    Values stay strings (pydantic coerces them) except JSON objects and lists, which are
+    decoded so that e.g. ``RETROFIT_LABELS__THRESHOLDS='{"weather.rain": 0.6}'`` works.
+    """
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if value.lstrip().startswith(("{", "[")):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{name}: not valid JSON: {e}") from None
+        _set_path(out, path, value, origin=name)
+    return out
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path)} conflicts with a scalar setting")
+        node = child
+    node[path[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, origin: str = "config") -> str:
+    """One line naming the first offending field and value (and how many more there are)."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    line = f"{origin} error: {loc}: {msg}"
+    if "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
+        line += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    if more:
+        line += f" [and {more} more]"
+    return line
+
+
+def load_config(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the config from file < environment < flags.
+
+    ``flags`` are dotted paths to values (``{"camera.source": "/dev/video2"}``); ``None``
+    values mean "flag not given" and are skipped.
+    """
+    environ = {} if environ is None else environ
+    if config_file is None and environ.get(ENV_CONFIG_FILE):
+        config_file = Path(environ[ENV_CONFIG_FILE])
+    data: dict[str, Any] = read_toml(config_file) if config_file is not None else {}
+    data = deep_merge(data, env_overrides(environ))
+    flag_tree: dict[str, Any] = {}
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _set_path(flag_tree, dotted.split("."), value, origin=f"--{dotted}")
+    data = deep_merge(data, flag_tree)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        origin = f"config ({config_file})" if config_file else "config"
+        raise ConfigError(format_validation_error(e, origin)) from None

@@ -1,0 +1,101 @@
+"""Frame → model input tensor. The single implementation shared by the daemon, the
+exporter's parity check and the evaluator, so training and deployment cannot drift.
+
+Everything that varies between models (size, colour order, mean/std, resize mode,
+filter, layout) comes from the bundle's :class:`~retrofit_agent.bundle.InputSpec`.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from retrofit_agent.bundle import InputSpec
+
+_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+class BadFrameError(ValueError):
+    """A frame that cannot be turned into a 3-channel 8-bit image."""
+
+
+def to_bgr8(frame: np.ndarray | None) -> np.ndarray:
+    """Bring what a capture backend returned to HxWx3 uint8 BGR, or raise BadFrameError.
+
+    Grayscale, BGRA and 16-bit frames are converted (cameras do deliver them); empty,
+    zero-size and other shapes are rejected.
+    """
+    if frame is None or not isinstance(frame, np.ndarray) or frame.size == 0:
+        raise BadFrameError("empty frame")
+    if frame.ndim == 2:
+        frame = frame[:, :, None]
+    if frame.ndim != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise BadFrameError(f"unsupported frame shape {frame.shape}")
+    if frame.dtype == np.uint16:
+        frame = (frame >> 8).astype(np.uint8)
+    elif frame.dtype in (np.float32, np.float64):
+        frame = np.clip(frame * 255.0, 0, 255).astype(np.uint8)
+    elif frame.dtype != np.uint8:
+        raise BadFrameError(f"unsupported frame dtype {frame.dtype}")
+    channels = frame.shape[2]
+    if channels == 3:
+        return frame
+    if channels == 1:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if channels == 4:
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    raise BadFrameError(f"unsupported channel count {channels}")
+
+
+class Preprocessor:
+    """Callable turning a BGR uint8 frame (or a batch of them) into the model's input."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self._interp = _INTERPOLATION[spec.interpolation]
+        # Fold /255, mean and std into one multiply-add per channel.
+        std = np.asarray(spec.std, dtype=np.float32)
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self._offset = (np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
+
+    def resize(self, frame: np.ndarray) -> np.ndarray:
+        """Resize (and crop or pad) a uint8 frame to the model's input size."""
+        h, w = self.spec.height, self.spec.width
+        fh, fw = frame.shape[:2]
+        mode = self.spec.resize
+        if mode == "stretch" or (fh, fw) == (h, w):
+            return cv2.resize(frame, (w, h), interpolation=self._interp)
+        if mode == "center_crop":
+            scale = max(h / fh, w / fw)
+            rh, rw = max(h, round(fh * scale)), max(w, round(fw * scale))
+            resized = cv2.resize(frame, (rw, rh), interpolation=self._interp)
+            top, left = (rh - h) // 2, (rw - w) // 2
+            return resized[top : top + h, left : left + w]
+        # letterbox: fit inside, pad with the mean colour so padding normalises to ~0
+        scale = min(h / fh, w / fw)
+        rh, rw = max(1, round(fh * scale)), max(1, round(fw * scale))
+        resized = cv2.resize(frame, (rw, rh), interpolation=self._interp)
+        pad = [int(round(m * 255)) for m in self.spec.mean]
+        if self.spec.color == "RGB":
+            pad = pad[::-1]  # frame is still BGR here
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        out[:] = pad
+        top, left = (h - rh) // 2, (w - rw) // 2
+        out[top : top + rh, left : left + rw] = resized
+        return out
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 BGR at input size → float32 HxWx3 in the model's colour order."""
+        if self.spec.color == "RGB":
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image.astype(np.float32) * self._scale - self._offset
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """One BGR frame → a (1, C, H, W) or (1, H, W, C) float32 tensor."""
+        x = self.normalize(self.resize(frame))
+        if self.spec.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x[None])
+
+    def batch(self, frames: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([self(f) for f in frames], axis=0)

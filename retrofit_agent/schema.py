@@ -1,0 +1,100 @@
+"""Messages the daemon publishes over ZeroMQ, as pydantic models.
+
+Every message is multipart ``[topic, json]``. The JSON Schema of all topics is exported to
+``deploy/messages.schema.json`` (``retrofit-agent schema``); a test keeps it current.
+Bump :data:`SCHEMA_VERSION` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+TOPIC_TAGS = "tags"
+TOPIC_EVENTS = "events"
+TOPIC_STATUS = "status"
+TOPICS = (TOPIC_TAGS, TOPIC_EVENTS, TOPIC_STATUS)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TagOut(_Msg):
+    group: str
+    label: str
+    score: float = Field(description="Probability within the group, after smoothing.")
+
+
+class Latency(_Msg):
+    """Per-stage latencies of this frame, in milliseconds."""
+
+    capture_wait_ms: float = Field(description="Time the frame loop waited for this frame.")
+    preprocess_ms: float
+    inference_ms: float
+    labelling_ms: float
+    end_to_end_ms: float = Field(description="Frame capture → message ready to send.")
+
+
+class TagsMessage(_Msg):
+    topic: Literal["tags"] = TOPIC_TAGS
+    schema_version: int = SCHEMA_VERSION
+    seq: int = Field(ge=0, description="Per-process message counter, monotonic, no gaps on this topic.")
+    frame_id: int = Field(ge=0, description="Index of the frame delivered by the source.")
+    camera: str
+    captured_at: str = Field(description="UTC wall-clock capture time, ISO 8601.")
+    model: str = Field(description="Model id, name@version.")
+    tags: list[TagOut] = Field(description="Tags that are on.")
+    top: list[TagOut] = Field(description="Each group's most probable label.")
+    latency: Latency
+
+
+class EventMessage(_Msg):
+    topic: Literal["events"] = TOPIC_EVENTS
+    schema_version: int = SCHEMA_VERSION
+    seq: int = Field(ge=0, description="Per-process event counter.")
+    frame_id: int = Field(ge=0)
+    camera: str
+    at: str = Field(description="UTC wall-clock time of the frame that caused it, ISO 8601.")
+    model: str
+    event: Literal["tag_on", "tag_off"]
+    tag: TagOut
+
+
+class StatusMessage(_Msg):
+    topic: Literal["status"] = TOPIC_STATUS
+    schema_version: int = SCHEMA_VERSION
+    at: str
+    camera: str
+    model: str
+    trained: bool = Field(description="False when the bundle's weights are seeded, not trained.")
+    health: Literal["starting", "ok", "degraded"] = Field(
+        description="'degraded' while the source delivers no frames."
+    )
+    machine: str = Field(description="platform.machine() of the host, e.g. 'aarch64'.")
+    frames_processed: int
+    fps: float
+    tags: list[TagOut] = Field(description="Tags that are on now.")
+
+
+def json_schema() -> dict:
+    """One JSON Schema document with a definition per topic."""
+    defs: dict = {}
+    for model in (TagsMessage, EventMessage, StatusMessage):
+        schema = model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(schema.pop("$defs", {}))
+        defs[model.__name__] = schema
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "retrofit-agent ZeroMQ messages",
+        "description": f"Multipart [topic, JSON] messages, schema_version {SCHEMA_VERSION}.",
+        "oneOf": [{"$ref": f"#/$defs/{m}"} for m in ("TagsMessage", "EventMessage", "StatusMessage")],
+        "$defs": defs,
+    }
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
