@@ -1,0 +1,144 @@
+"""Builds models/reference/: the seeded, UNTRAINED reference bundle.
+
+An EfficientNet-B3 (300x300) + MLP student and a tiny open_clip teacher, both with seeded
+random weights (no pretrained weights can be downloaded where this is built), taken
+through the real pipeline: ONNX export with parity check, static int8 quantization
+calibrated on the sample clip, a text bank from the teacher's text tower over
+models/prompts/automotive.toml, and a hash-checked manifest. Its labels mean nothing.
+
+    python -m retrofit_agent.train.reference --out models/reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from retrofit_agent import __version__
+from retrofit_agent.bundle import (
+    BankSpec, EmbeddingSpace, Manifest, ModelSpec, OutputSpec, Quantization, load_bundle, write_manifest,
+)
+from retrofit_agent.inference import Embedder
+from retrofit_agent.preprocess import Preprocessor
+from retrofit_agent.prompts import load_prompts
+from retrofit_agent.train.bank import write_bank
+from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec
+from retrofit_agent.train.quantize import QuantSettings, quantize_int8
+from retrofit_agent.train.student import Student
+from retrofit_agent.train.teacher import Teacher
+
+REPO = Path(__file__).resolve().parents[2]
+TEACHER_NAME = "retrofit-tiny-clip"
+NOTICE = (
+    "UNTRAINED reference bundle: the EfficientNet-B3 student and the tiny CLIP teacher have seeded "
+    "random weights, so its labels are not meaningful. It exists to run and test the pipeline. "
+    "Build a real bundle by distilling from a real CLIP teacher (retrofit-model distill) and "
+    "exporting it (see README, 'Building a real bundle')."
+)
+MODEL_FILE = "student.int8.onnx"
+BANK_FILE = "bank.npz"
+
+
+def read_frames(clip: Path, every: int = 1, limit: int | None = None) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(clip))
+    frames, i = [], 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i % every == 0:
+            frames.append(frame)
+        i += 1
+    cap.release()
+    if not frames:
+        raise SystemExit(f"no frames could be read from {clip}")
+    return frames[:limit]
+
+
+def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, backbone: str = "efficientnet_b3") -> dict:
+    torch.use_deterministic_algorithms(True)
+    teacher = Teacher(TEACHER_NAME, pretrained=None, seed=seed)
+    torch.manual_seed(seed)
+    student = Student(backbone, embed_dim=teacher.embed_dim).eval()
+    spec = student_input_spec(student)
+    prompts = load_prompts(prompts_file)
+    frames = read_frames(clip)
+    calib, held_out = frames[0::2], frames[1::2]
+    fingerprint = teacher.fingerprint()
+    version = f"{__version__}-reference"
+    report: dict = {"backbone": backbone, "teacher": teacher.identity, "fingerprint": fingerprint}
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "student.fp32.onnx"
+        meta = onnx_metadata(spec, teacher.embed_dim, teacher.identity, fingerprint, version)
+        export_onnx(student, fp32, meta)
+        report["parity_max_abs_diff"] = parity(student, fp32, held_out[:8], spec)
+        pre = Preprocessor(spec)
+        settings = QuantSettings(method="minmax", per_channel=True)
+        quantize_int8(fp32, out / MODEL_FILE, INPUT_NAME, [pre(f) for f in calib], settings)
+        report.update(_int8_vs_fp32(fp32, out / MODEL_FILE, held_out, pre, spec))
+    write_bank(out / BANK_FILE, teacher, prompts)
+    manifest = Manifest(
+        name="retrofit-reference-untrained",
+        version=version,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        trained=False,
+        notice=NOTICE,
+        model=ModelSpec(
+            file=MODEL_FILE, architecture=f"{backbone}+mlp", input=spec,
+            output=OutputSpec(name=OUTPUT_NAME, embedding_dim=teacher.embed_dim),
+            quantization=Quantization(
+                mode="int8_static_qdq", per_channel=settings.per_channel,
+                calibration=f"{settings.describe(len(calib))} from the sample clip",
+            ),
+        ),
+        embedding_space=EmbeddingSpace(teacher=teacher.identity, fingerprint=fingerprint),
+        bank=BankSpec(file=BANK_FILE, logit_scale=teacher.logit_scale, groups=prompts.group_specs()),
+        files={},
+    )
+    write_manifest(out, manifest)
+    load_bundle(out)  # the daemon's own checks, before anyone commits it
+    report["model_bytes"] = (out / MODEL_FILE).stat().st_size
+    return report
+
+
+def _int8_vs_fp32(fp32: Path, int8: Path, frames: list[np.ndarray], pre: Preprocessor, spec) -> dict:
+    from retrofit_agent.bundle import InputSpec  # noqa: F401  (spec is an InputSpec)
+    from retrofit_agent.inference import open_session
+
+    x = pre.batch(frames)
+    a = open_session(fp32).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    b = open_session(int8).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    cos = (a * b).sum(axis=1)
+    return {"int8_vs_fp32_mean_cosine": float(cos.mean()), "int8_vs_fp32_min_cosine": float(cos.min())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m retrofit_agent.train.reference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "models" / "reference")
+    p.add_argument("--prompts", type=Path, default=REPO / "models" / "prompts" / "automotive.toml")
+    p.add_argument("--clip", type=Path, default=REPO / "models" / "sample" / "drive.mp4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="efficientnet_b3")
+    a = p.parse_args(argv)
+    report = build_reference(a.out, a.prompts, a.clip, a.seed, a.backbone)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
