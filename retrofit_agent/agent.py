@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+import numpy as np
 import structlog
 
 from retrofit_agent.bundle import Bundle
@@ -43,6 +44,10 @@ class ModelPipeline:
     @property
     def model_id(self) -> str:
         return self.bundle.manifest.model_id
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Raw frame → model input; raises BadFrameError for frames that cannot be used."""
+        return self.preprocess(to_bgr8(image))
 
 
 def utc_iso(ts: float) -> str:
@@ -119,12 +124,18 @@ class Agent:
     def _process(self, frame: Frame, waited: float) -> None:
         p = self.pipeline
         t0 = self._clock()
-        try:
-            tensor = p.preprocess(to_bgr8(frame.image))
-        except BadFrameError as e:
-            self.metrics.frames_failed.labels(reason="bad_frame").inc()
-            self._log.warning("bad_frame", frame_id=frame.frame_id, error=str(e))
+        if frame.error is not None:
+            self._bad_frame(frame, frame.error)
             return
+        if frame.prepared is not None:  # preprocessed on the grabber thread
+            tensor, prep_seconds = frame.prepared, frame.prepare_seconds
+        else:
+            try:
+                tensor = p.prepare(frame.image)
+            except BadFrameError as e:
+                self._bad_frame(frame, str(e))
+                return
+            prep_seconds = self._clock() - t0
         t1 = self._clock()
         try:
             embedding = p.embedder.embed(tensor)
@@ -137,15 +148,19 @@ class Agent:
         t3 = self._clock()
         latency = Latency(
             capture_wait_ms=round(waited * 1e3, 3),
-            preprocess_ms=round((t1 - t0) * 1e3, 3),
+            preprocess_ms=round(prep_seconds * 1e3, 3),
             inference_ms=round((t2 - t1) * 1e3, 3),
             labelling_ms=round((t3 - t2) * 1e3, 3),
             end_to_end_ms=round(max(0.0, t3 - frame.captured_mono) * 1e3, 3),
         )
         self._publish(frame, result, latency)
         t4 = self._clock()
-        self._observe(frame, (waited, t1 - t0, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
+        self._observe(frame, (waited, prep_seconds, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
         self.notifier.watchdog()
+
+    def _bad_frame(self, frame: Frame, error: str) -> None:
+        self.metrics.frames_failed.labels(reason="bad_frame").inc()
+        self._log.warning("bad_frame", frame_id=frame.frame_id, error=error)
 
     # ------------------------------------------------------------------ outputs
 

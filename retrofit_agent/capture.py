@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import cv2
 import numpy as np
@@ -41,6 +41,9 @@ class Frame:
     frame_id: int
     captured_mono: float  # time.monotonic() when the read returned
     captured_wall: float  # time.time() at the same moment, for messages only
+    prepared: Any = None  # what the grabber's ``prepare`` hook made of it (the model input)
+    prepare_seconds: float = 0.0
+    error: str | None = None  # why ``prepare`` rejected it
 
 
 def resolve_kind(cfg: CameraConfig) -> str:
@@ -113,6 +116,9 @@ class FrameGrabber:
     ``get()`` is the frame loop's only entry point: it waits for a frame newer than the
     last one returned, and is also where stalls are detected (the frame loop is the one
     thread that is never stuck in a camera driver).
+
+    ``prepare`` (the model's preprocessing) runs on the grabber thread, so decoding and
+    resizing the next frame overlap with inference on the current one.
     """
 
     def __init__(
@@ -121,8 +127,10 @@ class FrameGrabber:
         metrics: AgentMetrics,
         opener: Callable[[CameraConfig], VideoSource] = open_source,
         clock: Callable[[], float] = time.monotonic,
+        prepare: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.prepare = prepare
         self.kind = resolve_kind(cfg)
         self.live = self.kind != "file"
         self._metrics = metrics
@@ -276,8 +284,16 @@ class FrameGrabber:
         return source
 
     def _deliver(self, gen: int, image: np.ndarray) -> None:
-        frame = Frame(image, self._next_id, self._clock(), time.time())
+        captured, wall = self._clock(), time.time()
+        prepared, error, seconds = None, None, 0.0
+        if self.prepare is not None:
+            try:
+                prepared = self.prepare(image)
+            except Exception as e:  # thread boundary: a bad frame must not end the grabber
+                error = f"{type(e).__name__}: {e}"
+            seconds = max(0.0, self._clock() - captured)
         with self._cond:
+            frame = Frame(image, self._next_id, captured, wall, prepared, seconds, error)
             if gen != self._generation:
                 return
             if not self._consumed:

@@ -111,7 +111,7 @@ def _run_daemon(cfg: AgentConfig) -> int:
             log.info("metrics_serving", address=f"{cfg.metrics.host}:{server.server_port}")
         pipeline = build_pipeline(cfg, log)
         metrics.set_model(pipeline.model_id, pipeline.bundle.manifest.version, pipeline.bundle.manifest.trained, camera)
-        grabber = FrameGrabber(cfg.camera, metrics)
+        grabber = FrameGrabber(cfg.camera, metrics, prepare=pipeline.prepare)
         grabber.start()
         stack.callback(grabber.stop)
         agent = Agent(cfg, pipeline, grabber, publisher, metrics, (notifier, stop), camera)

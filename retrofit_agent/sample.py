@@ -52,3 +52,21 @@ def write_clip(path: Path, n_frames: int = 150, fps: float = 15.0, size: tuple[i
     finally:
         writer.release()
     return path
+
+
+def read_clip_frames(path: Path, every: int = 1, limit: int | None = None) -> list[np.ndarray]:
+    """Decode a clip's frames (every ``every``-th, at most ``limit``) as BGR arrays."""
+    cap = cv2.VideoCapture(str(path))
+    frames: list[np.ndarray] = []
+    i = 0
+    while limit is None or len(frames) < limit:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i % every == 0:
+            frames.append(frame)
+        i += 1
+    cap.release()
+    if not frames:
+        raise ValueError(f"no frames could be read from {path}")
+    return frames

@@ -19,7 +19,6 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -30,6 +29,7 @@ from retrofit_agent.bundle import (
 from retrofit_agent.inference import Embedder
 from retrofit_agent.preprocess import Preprocessor
 from retrofit_agent.prompts import load_prompts
+from retrofit_agent.sample import read_clip_frames
 from retrofit_agent.train.bank import write_bank
 from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec
 from retrofit_agent.train.quantize import QuantSettings, quantize_int8
@@ -48,22 +48,6 @@ MODEL_FILE = "student.int8.onnx"
 BANK_FILE = "bank.npz"
 
 
-def read_frames(clip: Path, every: int = 1, limit: int | None = None) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(clip))
-    frames, i = [], 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if i % every == 0:
-            frames.append(frame)
-        i += 1
-    cap.release()
-    if not frames:
-        raise SystemExit(f"no frames could be read from {clip}")
-    return frames[:limit]
-
-
 def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, backbone: str = "efficientnet_b3") -> dict:
     torch.use_deterministic_algorithms(True)
     teacher = Teacher(TEACHER_NAME, pretrained=None, seed=seed)
@@ -71,7 +55,7 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
     student = Student(backbone, embed_dim=teacher.embed_dim).eval()
     spec = student_input_spec(student)
     prompts = load_prompts(prompts_file)
-    frames = read_frames(clip)
+    frames = read_clip_frames(clip)
     calib, held_out = frames[0::2], frames[1::2]
     fingerprint = teacher.fingerprint()
     version = f"{__version__}-reference"
