@@ -25,8 +25,10 @@ from retrofit_agent.lifecycle import StopSignal, SystemdNotifier
 from retrofit_agent.metrics import AgentMetrics
 from retrofit_agent.preprocess import BadFrameError, Preprocessor, to_bgr8
 from retrofit_agent.publish import Publisher
+from retrofit_agent.collect.collector import Collector, FrameRecord
 from retrofit_agent.schema import (
-    TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, EventMessage, Latency, StatusMessage, TagOut, TagsMessage,
+    TOPIC_CAPTURES, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, CaptureMessage, EventMessage, Latency, StatusMessage,
+    TagOut, TagsMessage,
 )
 
 log = structlog.get_logger("retrofit_agent.agent")
@@ -70,28 +72,40 @@ class FpsMeter:
         return (len(self._times) - 1) / span if span > 0 else 0.0
 
 
+@dataclass
+class AgentIO:
+    """The frame loop's collaborators, built by the composition root."""
+
+    grabber: FrameGrabber
+    publisher: Publisher
+    metrics: AgentMetrics
+    notifier: SystemdNotifier
+    stop: StopSignal
+    collector: Collector | None = None
+
+
 class Agent:
     def __init__(
         self,
         cfg: AgentConfig,
         pipeline: ModelPipeline,
-        grabber: FrameGrabber,
-        publisher: Publisher,
-        metrics: AgentMetrics,
-        lifecycle: tuple[SystemdNotifier, StopSignal],
+        io: AgentIO,
         camera: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
-        self.grabber = grabber
-        self.publisher = publisher
-        self.metrics = metrics
-        self.notifier, self.stop = lifecycle
+        self.grabber = io.grabber
+        self.publisher = io.publisher
+        self.metrics = io.metrics
+        self.notifier = io.notifier
+        self.stop = io.stop
+        self.collector = io.collector
         self.camera = camera
         self._clock = clock
         self._seq = 0
         self._event_seq = 0
+        self._capture_seq = 0
         self._processed = 0
         self._fps = FpsMeter()
         self._last_fps = 0.0
@@ -110,6 +124,8 @@ class Agent:
             now = self._clock()
             if now - self._last_status >= self.cfg.publish.status_interval_s:
                 self._publish_status(now)
+            if self.collector is not None:
+                self._publish_captures()
             if frame is None:
                 if self.grabber.finished:
                     self._log.info("source_finished", frames_processed=self._processed)
@@ -154,6 +170,8 @@ class Agent:
             end_to_end_ms=round(max(0.0, t3 - frame.captured_mono) * 1e3, 3),
         )
         self._publish(frame, result, latency)
+        if self.collector is not None:
+            self.collector.observe(self._record(frame, result))
         t4 = self._clock()
         self._observe(frame, (waited, prep_seconds, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
         self.notifier.watchdog()
@@ -182,6 +200,25 @@ class Agent:
             self._event_seq += 1
             self.publisher.send(TOPIC_EVENTS, event)
             self._log.info("tag_changed", tag=change.tag.key, on=change.on, score=change.tag.score, frame_id=frame.frame_id)
+
+    def _record(self, frame: Frame, result: LabelResult) -> FrameRecord:
+        return FrameRecord(
+            image=frame.image, frame_id=frame.frame_id, seq=self._seq - 1, captured_wall=frame.captured_wall,
+            captured_mono=frame.captured_mono, tags={t.key: t.score for t in result.tags},
+            top={t.group: (t.label, t.score) for t in result.tops},
+        )
+
+    def _publish_captures(self) -> None:
+        for saved in self.collector.drain_saved():
+            job, item = saved.job, saved.item
+            msg = CaptureMessage(
+                seq=self._capture_seq, campaign=job.campaign.name, path=str(item.image.resolve()),
+                sidecar=str(item.sidecar.resolve()), bytes=item.bytes, role=job.role, offset=job.offset,
+                frame_id=job.record.frame_id, camera=self.camera, captured_at=utc_iso(job.record.captured_wall),
+                model=self.pipeline.model_id,
+            )
+            self._capture_seq += 1
+            self.publisher.send(TOPIC_CAPTURES, msg)
 
     def _observe(self, frame: Frame, stages: tuple[float, ...], end_to_end: float) -> None:
         m = self.metrics

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from retrofit_agent import __version__
 from retrofit_agent.config import AgentConfig, load_config
-from retrofit_agent.errors import RetrofitError
+from retrofit_agent.errors import ConfigError, RetrofitError
 
 PROG = "retrofit-agent"
 
@@ -83,7 +83,8 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
 
 def _run_daemon(cfg: AgentConfig) -> int:
     # Imported here so `retrofit-agent tail` and `--help` stay fast and light.
-    from retrofit_agent.agent import Agent
+    from retrofit_agent.agent import Agent, AgentIO
+    from retrofit_agent.collect.collector import Collector, check_campaign_tags
     from retrofit_agent.capture import FrameGrabber, camera_id
     from retrofit_agent.lifecycle import StopSignal, SystemdNotifier
     from retrofit_agent.metrics import AgentMetrics, serve_metrics
@@ -111,10 +112,20 @@ def _run_daemon(cfg: AgentConfig) -> int:
             log.info("metrics_serving", address=f"{cfg.metrics.host}:{server.server_port}")
         pipeline = build_pipeline(cfg, log)
         metrics.set_model(pipeline.model_id, pipeline.bundle.manifest.version, pipeline.bundle.manifest.trained, camera)
+        collector = None
+        if cfg.collect.campaigns:
+            check_campaign_tags(cfg.collect, set(pipeline.bundle.bank.keys))
+            collector = Collector(cfg.collect, metrics, camera, (pipeline.model_id, pipeline.bundle.manifest.version))
+            try:
+                collector.start()
+            except OSError as e:
+                raise ConfigError(f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}") from None
+            stack.callback(collector.stop)
         grabber = FrameGrabber(cfg.camera, metrics, prepare=pipeline.prepare)
         grabber.start()
         stack.callback(grabber.stop)
-        agent = Agent(cfg, pipeline, grabber, publisher, metrics, (notifier, stop), camera)
+        io = AgentIO(grabber, publisher, metrics, notifier, stop, collector)
+        agent = Agent(cfg, pipeline, io, camera)
         metrics.ready.set(1)
         notifier.ready(f"labelling {camera} with {pipeline.model_id}")
         log.info("agent_ready", model=pipeline.model_id)

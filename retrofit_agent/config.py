@@ -9,11 +9,12 @@ job at start-up).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retrofit_agent.errors import ConfigError
 
@@ -147,6 +148,88 @@ class MetricsConfig(_Section):
         return int(self.address.rpartition(":")[2])
 
 
+_TAG_KEY = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$"
+_CAMPAIGN_NAME = r"^[A-Za-z0-9_\-]+$"
+
+
+class CampaignRule(_Section):
+    """When a frame is worth keeping: a condition over the tags that are on."""
+
+    any_of: list[str] = Field(
+        default_factory=list, description="At least one of these 'group.label' tags is on (empty: no constraint)."
+    )
+    all_of: list[str] = Field(default_factory=list, description="Every one of these tags is on.")
+    none_of: list[str] = Field(default_factory=list, description="None of these tags is on.")
+    min_score: float = Field(
+        0.0, ge=0, le=1, description="any_of/all_of tags count only with at least this probability."
+    )
+    min_duration_s: float = Field(
+        0.0, ge=0, description="The condition must hold this long, continuously, before a capture."
+    )
+
+    @field_validator("any_of", "all_of", "none_of")
+    @classmethod
+    def _tag_keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not re.match(_TAG_KEY, key):
+                raise ValueError(f"tag {key!r} must be 'group.label'")
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "CampaignRule":
+        if not self.any_of and not self.all_of:
+            raise ValueError("a rule needs any_of or all_of (none_of alone would match almost every frame)")
+        return self
+
+    @property
+    def keys(self) -> set[str]:
+        return {*self.any_of, *self.all_of, *self.none_of}
+
+
+class CampaignConfig(_Section):
+    name: str = Field(pattern=_CAMPAIGN_NAME, description="Campaign name; also its directory in the store.")
+    rule: CampaignRule = Field(description="Which frames to keep.")
+    min_interval_s: float = Field(10.0, ge=0, description="At least this long between two triggers.")
+    max_per_hour: int = Field(60, ge=1, description="At most this many triggers in any rolling hour.")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of saved frames.")
+    max_width: int | None = Field(
+        None, gt=0, description="Downscale saved frames to at most this width; unset keeps the full frame."
+    )
+    frames_before: int = Field(0, ge=0, le=30, description="Processed frames before the trigger to keep too.")
+    frames_after: int = Field(0, ge=0, le=30, description="Processed frames after the trigger to keep too.")
+
+
+class StoreConfig(_Section):
+    directory: Path = Field(
+        Path("/var/lib/retrofit-agent/captures"), description="Where captures are saved (one folder per campaign)."
+    )
+    max_bytes: int = Field(2 * 1024**3, gt=0, description="Cap on the store's size; oldest captures go first.")
+    max_files: int = Field(20_000, gt=0, description="Cap on the number of saved frames (image + sidecar pairs).")
+    queue_size: int = Field(
+        64, ge=1, description="Frames waiting for the writer thread; beyond it captures are skipped and counted."
+    )
+    disk_full_retry_s: float = Field(
+        5.0, gt=0, description="While the disk is full, how often to try writing again."
+    )
+    rescan_interval_s: float = Field(
+        30.0, gt=0, description="How often the store re-reads its size from disk (an uploader deletes files)."
+    )
+
+
+class CollectConfig(_Section):
+    campaigns: list[CampaignConfig] = Field(default_factory=list, description="Tag-triggered image collection.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The on-disk capture store.")
+
+    @field_validator("campaigns")
+    @classmethod
+    def _unique(cls, v: list[CampaignConfig]) -> list[CampaignConfig]:
+        names = [c.name for c in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"campaign names must be unique, {sorted(dup)[0]!r} repeats")
+        return v
+
+
 class LogConfig(_Section):
     format: Literal["json", "console"] = Field(
         "json", description="'json' lines for journald, 'console' for humans."
@@ -161,6 +244,7 @@ class AgentConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig, description="ZeroMQ publishing.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    collect: CollectConfig = Field(default_factory=CollectConfig, description="Image collection campaigns.")
     max_frames: int | None = Field(
         None, gt=0, description="Stop after this many processed frames (demos, tests)."
     )

@@ -39,6 +39,11 @@ class AgentMetrics:
     fps: Gauge
     ready: Gauge
     model_info: Info
+    captures_saved: Counter
+    captures_evicted: Counter
+    captures_skipped: Counter
+    store_bytes: Gauge
+    store_files: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "AgentMetrics":
@@ -74,10 +79,23 @@ class AgentMetrics:
             fps=Gauge(p + "fps", "Processed frames per second over the last few seconds.", registry=registry),
             ready=Gauge(p + "ready", "1 once the model is loaded and warmed up.", registry=registry),
             model_info=Info(p + "model", "The loaded model bundle and host.", registry=registry),
+            captures_saved=Counter(
+                p + "captures_saved", "Frames saved to the capture store, by campaign.", ["campaign"], registry=registry
+            ),
+            captures_evicted=Counter(
+                p + "captures_evicted", "Saved frames evicted to stay under the store's caps, by campaign.",
+                ["campaign"], registry=registry,
+            ),
+            captures_skipped=Counter(
+                p + "captures_skipped", "Frames a campaign wanted but did not save, by campaign and reason.",
+                ["campaign", "reason"], registry=registry,
+            ),
+            store_bytes=Gauge(p + "store_bytes", "Bytes in the capture store.", registry=registry),
+            store_files=Gauge(p + "store_files", "Saved frames (image + sidecar pairs) in the store.", registry=registry),
         )
         for stage in STAGES:  # export every series from the first scrape
             m.stage_seconds.labels(stage=stage)
-        for topic in ("tags", "events", "status"):
+        for topic in ("tags", "events", "status", "captures"):
             m.messages_published.labels(topic=topic)
         for reason in ("bad_frame", "inference_error"):
             m.frames_failed.labels(reason=reason)

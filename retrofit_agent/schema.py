@@ -16,7 +16,8 @@ SCHEMA_VERSION = 1
 TOPIC_TAGS = "tags"
 TOPIC_EVENTS = "events"
 TOPIC_STATUS = "status"
-TOPICS = (TOPIC_TAGS, TOPIC_EVENTS, TOPIC_STATUS)
+TOPIC_CAPTURES = "captures"
+TOPICS = (TOPIC_TAGS, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_CAPTURES)
 
 
 class _Msg(BaseModel):
@@ -80,10 +81,26 @@ class StatusMessage(_Msg):
     tags: list[TagOut] = Field(description="Tags that are on now.")
 
 
+class CaptureMessage(_Msg):
+    topic: Literal["captures"] = TOPIC_CAPTURES
+    schema_version: int = SCHEMA_VERSION
+    seq: int = Field(ge=0, description="Per-process capture counter.")
+    campaign: str
+    path: str = Field(description="Absolute path of the saved JPEG.")
+    sidecar: str = Field(description="Absolute path of its JSON sidecar (written last).")
+    bytes: int = Field(ge=0, description="Size of image and sidecar together.")
+    role: Literal["before", "trigger", "after"]
+    offset: int = Field(description="Processed frames relative to the trigger frame.")
+    frame_id: int = Field(ge=0)
+    camera: str
+    captured_at: str
+    model: str
+
+
 def json_schema() -> dict:
     """One JSON Schema document with a definition per topic."""
     defs: dict = {}
-    for model in (TagsMessage, EventMessage, StatusMessage):
+    for model in (TagsMessage, EventMessage, StatusMessage, CaptureMessage):
         schema = model.model_json_schema(ref_template="#/$defs/{model}")
         defs.update(schema.pop("$defs", {}))
         defs[model.__name__] = schema
@@ -91,7 +108,9 @@ def json_schema() -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "retrofit-agent ZeroMQ messages",
         "description": f"Multipart [topic, JSON] messages, schema_version {SCHEMA_VERSION}.",
-        "oneOf": [{"$ref": f"#/$defs/{m}"} for m in ("TagsMessage", "EventMessage", "StatusMessage")],
+        "oneOf": [
+            {"$ref": f"#/$defs/{m}"} for m in ("TagsMessage", "EventMessage", "StatusMessage", "CaptureMessage")
+        ],
         "$defs": defs,
     }
 

@@ -24,6 +24,8 @@ def format_message(topic: str, msg: dict) -> str:
             f"status {msg['health']} model={msg['model']} trained={msg['trained']} machine={msg['machine']} "
             f"frames={msg['frames_processed']} fps={msg['fps']}"
         )
+    if topic == "captures":
+        return f"saved  seq={msg['seq']} {msg['campaign']} {msg['role']}{msg['offset']:+d} frame={msg['frame_id']} {msg['path']}"
     return f"{topic} {json.dumps(msg)}"
 
 

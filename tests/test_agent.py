@@ -8,7 +8,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from retrofit_agent.agent import Agent
+from retrofit_agent.agent import Agent, AgentIO
 from retrofit_agent.capture import FrameGrabber
 from retrofit_agent.config import AgentConfig
 from retrofit_agent.lifecycle import StopSignal, SystemdNotifier
@@ -48,7 +48,7 @@ def make_agent(tmp_path: Path, frames, reference_bundle: Path):
     pipeline = build_pipeline(cfg, structlog.get_logger())
     grabber = FrameGrabber(cfg.camera, metrics, opener=lambda c: ListSource(frames), prepare=pipeline.prepare)
     publisher = Publisher(cfg.publish, metrics)
-    agent = Agent(cfg, pipeline, grabber, publisher, metrics, (SystemdNotifier({}), StopSignal()), "test")
+    agent = Agent(cfg, pipeline, AgentIO(grabber, publisher, metrics, SystemdNotifier({}), StopSignal()), "test")
     return agent, metrics
 
 

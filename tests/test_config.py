@@ -95,3 +95,12 @@ def test_unknown_environment_variable_is_refused():
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml", {})
+
+
+def test_example_campaigns_use_tags_the_reference_bundle_knows(reference_bundle):
+    from retrofit_agent.bundle import load_bundle
+    from retrofit_agent.collect.collector import check_campaign_tags
+
+    cfg = load_config(REPO / "deploy" / "agent.toml", environ={})
+    assert cfg.collect.campaigns
+    check_campaign_tags(cfg.collect, set(load_bundle(reference_bundle).bank.keys))

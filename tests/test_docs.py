@@ -8,14 +8,25 @@ from conftest import REPO
 README = (REPO / "README.md").read_text()
 
 
-def test_readme_documents_every_config_key():
-    for section, field in AgentConfig.model_fields.items():
+def _keys(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            for name in ann.model_fields:
-                assert f"`{section}.{name}`" in README, f"{section}.{name} missing from README"
+            yield from _keys(ann, f"{prefix}{name}.")
         else:
-            assert f"`{section}`" in README
+            yield f"{prefix}{name}"
+
+
+def test_readme_documents_every_config_key():
+    for key in _keys(AgentConfig):
+        assert f"`{key}`" in README, f"{key} missing from README"
+
+
+def test_readme_documents_every_campaign_key():
+    from retrofit_agent.config import CampaignConfig
+
+    for key in _keys(CampaignConfig):
+        assert f"`{key}`" in README, f"campaign key {key} missing from README"
 
 
 def test_readme_documents_every_metric():

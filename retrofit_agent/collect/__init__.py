@@ -1,0 +1,1 @@
+"""Tag-triggered image collection: campaigns decide, the store keeps, the uploader takes."""
