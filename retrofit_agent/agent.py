@@ -25,6 +25,7 @@ from retrofit_agent.lifecycle import StopSignal, SystemdNotifier
 from retrofit_agent.metrics import AgentMetrics
 from retrofit_agent.preprocess import BadFrameError, Preprocessor, to_bgr8
 from retrofit_agent.publish import Publisher
+from retrofit_agent.reload import Reloader
 from retrofit_agent.collect.collector import Collector, FrameRecord
 from retrofit_agent.schema import (
     TOPIC_CAPTURES, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, CaptureMessage, EventMessage, Latency, StatusMessage,
@@ -82,6 +83,7 @@ class AgentIO:
     notifier: SystemdNotifier
     stop: StopSignal
     collector: Collector | None = None
+    reloader: Reloader | None = None
 
 
 class Agent:
@@ -101,6 +103,8 @@ class Agent:
         self.notifier = io.notifier
         self.stop = io.stop
         self.collector = io.collector
+        self.reloader = io.reloader
+        self._last_frame: Frame | None = None
         self.camera = camera
         self._clock = clock
         self._seq = 0
@@ -126,6 +130,8 @@ class Agent:
                 self._publish_status(now)
             if self.collector is not None:
                 self._publish_captures()
+            if self.reloader is not None:
+                self._reload_if_asked()
             if frame is None:
                 if self.grabber.finished:
                     self._log.info("source_finished", frames_processed=self._processed)
@@ -143,7 +149,7 @@ class Agent:
         if frame.error is not None:
             self._bad_frame(frame, frame.error)
             return
-        if frame.prepared is not None:  # preprocessed on the grabber thread
+        if frame.prepared is not None and frame.prepared_with == p.prepare:  # done on the grabber thread
             tensor, prep_seconds = frame.prepared, frame.prepare_seconds
         else:
             try:
@@ -170,11 +176,40 @@ class Agent:
             end_to_end_ms=round(max(0.0, t3 - frame.captured_mono) * 1e3, 3),
         )
         self._publish(frame, result, latency)
+        self._last_frame = frame
         if self.collector is not None:
             self.collector.observe(self._record(frame, result))
         t4 = self._clock()
         self._observe(frame, (waited, prep_seconds, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
         self.notifier.watchdog()
+
+    def _reload_if_asked(self) -> None:
+        if self.stop.reload.is_set():
+            self.stop.reload.clear()
+            self.reloader.request(self.cfg)
+        done = self.reloader.poll()
+        if done is not None:
+            self._swap(done.config, done.pipeline)
+
+    def _swap(self, cfg: AgentConfig, pipeline: ModelPipeline) -> None:
+        """Switch to a verified, warmed-up pipeline between two frames."""
+        old_id = self.pipeline.model_id
+        if self._last_frame is not None:  # the old model's tags end here
+            for tag in self._current_tags:
+                self._send_event(self._last_frame, tag, on=False)
+        self._current_tags = []
+        self.cfg, self.pipeline = cfg, pipeline
+        self.grabber.prepare = pipeline.prepare
+        m = pipeline.bundle.manifest
+        self.metrics.set_model(m.model_id, m.version, m.trained, self.camera)
+        if self.collector is not None:
+            self.collector.set_campaigns(cfg.collect.campaigns)
+            self.collector.set_model(m.model_id, m.version)
+        elif cfg.collect.campaigns:
+            self._log.warning("reload_ignored_settings", sections=["collect.campaigns"],
+                              hint="collection starts only with campaigns configured at start-up; restart")
+        self._log = log.bind(camera=self.camera, model=m.model_id)
+        self._log.info("reload_applied", previous_model=old_id, campaigns=[c.name for c in cfg.collect.campaigns])
 
     def _bad_frame(self, frame: Frame, error: str) -> None:
         self.metrics.frames_failed.labels(reason="bad_frame").inc()
@@ -193,13 +228,16 @@ class Agent:
         self.publisher.send(TOPIC_TAGS, msg)
         self._current_tags = result.tags
         for change in result.changes:
-            event = EventMessage(
-                seq=self._event_seq, frame_id=frame.frame_id, camera=self.camera, at=at, model=model,
-                event="tag_on" if change.on else "tag_off", tag=_tags_out([change.tag])[0],
-            )
-            self._event_seq += 1
-            self.publisher.send(TOPIC_EVENTS, event)
-            self._log.info("tag_changed", tag=change.tag.key, on=change.on, score=change.tag.score, frame_id=frame.frame_id)
+            self._send_event(frame, change.tag, change.on)
+
+    def _send_event(self, frame: Frame, tag: Tag, on: bool) -> None:
+        event = EventMessage(
+            seq=self._event_seq, frame_id=frame.frame_id, camera=self.camera, at=utc_iso(frame.captured_wall),
+            model=self.pipeline.model_id, event="tag_on" if on else "tag_off", tag=_tags_out([tag])[0],
+        )
+        self._event_seq += 1
+        self.publisher.send(TOPIC_EVENTS, event)
+        self._log.info("tag_changed", tag=tag.key, on=on, score=tag.score, frame_id=frame.frame_id)
 
     def _record(self, frame: Frame, result: LabelResult) -> FrameRecord:
         return FrameRecord(

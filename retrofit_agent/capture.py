@@ -44,6 +44,7 @@ class Frame:
     prepared: Any = None  # what the grabber's ``prepare`` hook made of it (the model input)
     prepare_seconds: float = 0.0
     error: str | None = None  # why ``prepare`` rejected it
+    prepared_with: Any = None  # the ``prepare`` callable used (a reload may have replaced it since)
 
 
 def resolve_kind(cfg: CameraConfig) -> str:
@@ -286,14 +287,15 @@ class FrameGrabber:
     def _deliver(self, gen: int, image: np.ndarray) -> None:
         captured, wall = self._clock(), time.time()
         prepared, error, seconds = None, None, 0.0
-        if self.prepare is not None:
+        prepare = self.prepare
+        if prepare is not None:
             try:
-                prepared = self.prepare(image)
+                prepared = prepare(image)
             except Exception as e:  # thread boundary: a bad frame must not end the grabber
                 error = f"{type(e).__name__}: {e}"
             seconds = max(0.0, self._clock() - captured)
         with self._cond:
-            frame = Frame(image, self._next_id, captured, wall, prepared, seconds, error)
+            frame = Frame(image, self._next_id, captured, wall, prepared, seconds, error, prepare)
             if gen != self._generation:
                 return
             if not self._consumed:

@@ -12,7 +12,7 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -76,20 +76,21 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
 
     configure_logging(cfg.log.format, cfg.log.level)
     try:
-        return _run_daemon(cfg)
+        # SIGHUP re-reads the same sources: the file (changed on disk), environment and flags.
+        return _run_daemon(cfg, lambda: load_config(config_file, environ, args))
     except RetrofitError as e:
         return _fail(e)
 
 
-def _run_daemon(cfg: AgentConfig) -> int:
+def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> int:
     # Imported here so `retrofit-agent tail` and `--help` stay fast and light.
     from retrofit_agent.agent import Agent, AgentIO
-    from retrofit_agent.collect.collector import Collector, check_campaign_tags
     from retrofit_agent.capture import FrameGrabber, camera_id
     from retrofit_agent.lifecycle import StopSignal, SystemdNotifier
     from retrofit_agent.metrics import AgentMetrics, serve_metrics
     from retrofit_agent.pipeline import build_pipeline
     from retrofit_agent.publish import Publisher
+    from retrofit_agent.reload import Reloader
 
     camera = camera_id(cfg.camera)
     log = structlog.get_logger("retrofit_agent").bind(camera=camera)
@@ -110,22 +111,21 @@ def _run_daemon(cfg: AgentConfig) -> int:
             stack.callback(server.server_close)
             stack.callback(server.shutdown)
             log.info("metrics_serving", address=f"{cfg.metrics.host}:{server.server_port}")
-        pipeline = build_pipeline(cfg, log)
-        metrics.set_model(pipeline.model_id, pipeline.bundle.manifest.version, pipeline.bundle.manifest.trained, camera)
-        collector = None
-        if cfg.collect.campaigns:
-            check_campaign_tags(cfg.collect, set(pipeline.bundle.bank.keys))
-            collector = Collector(cfg.collect, metrics, camera, (pipeline.model_id, pipeline.bundle.manifest.version))
-            try:
-                collector.start()
-            except OSError as e:
-                raise ConfigError(f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}") from None
-            stack.callback(collector.stop)
+
+        def build(c: AgentConfig):
+            p = build_pipeline(c, log)
+            _check_campaigns(c, p)
+            return p
+
+        pipeline = build(cfg)
+        m = pipeline.bundle.manifest
+        metrics.set_model(m.model_id, m.version, m.trained, camera)
+        collector = _start_collector(cfg, pipeline, metrics, camera, stack)
         grabber = FrameGrabber(cfg.camera, metrics, prepare=pipeline.prepare)
         grabber.start()
         stack.callback(grabber.stop)
-        io = AgentIO(grabber, publisher, metrics, notifier, stop, collector)
-        agent = Agent(cfg, pipeline, io, camera)
+        reloader = Reloader(reload_config, build, on_result=lambda r: metrics.reloads.labels(result=r).inc())
+        agent = Agent(cfg, pipeline, AgentIO(grabber, publisher, metrics, notifier, stop, collector, reloader), camera)
         metrics.ready.set(1)
         notifier.ready(f"labelling {camera} with {pipeline.model_id}")
         log.info("agent_ready", model=pipeline.model_id)
@@ -134,8 +134,32 @@ def _run_daemon(cfg: AgentConfig) -> int:
         finally:
             notifier.stopping()
             metrics.ready.set(0)
-        log.info("agent_stopped", reason=stop.reason or "finished", frames_processed=int(metrics.frames_processed._value.get()))
+        processed = metrics.registry.get_sample_value("retrofit_frames_processed_total")
+        log.info("agent_stopped", reason=stop.reason or "finished", frames_processed=int(processed or 0))
         return code
+
+
+def _check_campaigns(cfg: AgentConfig, pipeline) -> None:
+    from retrofit_agent.collect.collector import check_campaign_tags
+
+    if cfg.collect.campaigns:
+        check_campaign_tags(cfg.collect, set(pipeline.bundle.bank.keys))
+
+
+def _start_collector(cfg: AgentConfig, pipeline, metrics, camera: str, stack: ExitStack):
+    """The collector exists only when campaigns are configured at start-up."""
+    from retrofit_agent.collect.collector import Collector
+
+    if not cfg.collect.campaigns:
+        return None
+    m = pipeline.bundle.manifest
+    collector = Collector(cfg.collect, metrics, camera, (m.model_id, m.version))
+    try:
+        collector.start()
+    except OSError as e:
+        raise ConfigError(f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}") from None
+    stack.callback(collector.stop)
+    return collector
 
 
 # --------------------------------------------------------------------------- helpers

@@ -77,15 +77,17 @@ class SystemdNotifier:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set an event the frame loop polls; SIGHUP is recorded for reload."""
+    """SIGTERM/SIGINT set an event the frame loop polls; SIGHUP sets a reload request."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.reload = threading.Event()
         self.reason = ""
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reload.set())
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.reason = signal.Signals(signum).name

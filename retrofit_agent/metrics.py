@@ -44,6 +44,7 @@ class AgentMetrics:
     captures_skipped: Counter
     store_bytes: Gauge
     store_files: Gauge
+    reloads: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "AgentMetrics":
@@ -92,6 +93,7 @@ class AgentMetrics:
             ),
             store_bytes=Gauge(p + "store_bytes", "Bytes in the capture store.", registry=registry),
             store_files=Gauge(p + "store_files", "Saved frames (image + sidecar pairs) in the store.", registry=registry),
+            reloads=Counter(p + "reloads", "SIGHUP reloads of bundle and config, by result.", ["result"], registry=registry),
         )
         for stage in STAGES:  # export every series from the first scrape
             m.stage_seconds.labels(stage=stage)
@@ -99,6 +101,8 @@ class AgentMetrics:
             m.messages_published.labels(topic=topic)
         for reason in ("bad_frame", "inference_error"):
             m.frames_failed.labels(reason=reason)
+        for result in ("ok", "failed"):
+            m.reloads.labels(result=result)
         return m
 
     def set_model(self, model_id: str, version: str, trained: bool, camera: str) -> None:

@@ -150,6 +150,9 @@ class Collector:
         depth = max([c.frames_before for c in campaigns], default=0) + 1
         self._ring = deque(self._ring, maxlen=depth)
 
+    def set_model(self, model_id: str, version: str) -> None:
+        self.model_id, self.model_version = model_id, version
+
     # ------------------------------------------------------------------ frame loop side
 
     def observe(self, record: FrameRecord) -> None:
