@@ -255,9 +255,19 @@ def check_bank_matches(manifest: Manifest, bank: TextBank, where: str) -> None:
         raise BundleError(f"{where}: bank labels do not match the manifest's groups/labels; rebuild the bundle")
 
 
-def load_bundle(root: Path | str) -> Bundle:
-    """Read, hash-check and cross-check a bundle. Raises :class:`BundleError`."""
+def load_bundle(root: Path | str, signing_public_key: Path | None = None) -> Bundle:
+    """Read, hash-check and cross-check a bundle. Raises :class:`BundleError`.
+
+    With ``signing_public_key``, the manifest's Ed25519 signature is checked before the
+    manifest is even parsed.
+    """
     root = Path(root)
+    if signing_public_key is not None:
+        from retrofit_agent.security import verify_bundle_signature
+
+        if not root.is_dir():
+            raise BundleError(f"bundle directory not found: {root}")
+        verify_bundle_signature(root, Path(signing_public_key))
     manifest = read_manifest(root)
     verify_files(root, manifest)
     bank = load_bank(_safe_member(root, manifest.bank.file))

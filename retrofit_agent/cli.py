@@ -91,6 +91,7 @@ def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> i
     from retrofit_agent.pipeline import build_pipeline
     from retrofit_agent.publish import Publisher
     from retrofit_agent.reload import Reloader
+    from retrofit_agent.security import is_loopback_endpoint, is_loopback_host
 
     camera = camera_id(cfg.camera)
     log = structlog.get_logger("retrofit_agent").bind(camera=camera)
@@ -105,12 +106,16 @@ def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> i
         # the model loads instead of missing the first frames.
         publisher = Publisher(cfg.publish, metrics)
         stack.callback(publisher.close)
-        log.info("publishing", endpoint=publisher.endpoint)
+        log.info("publishing", endpoint=publisher.endpoint, curve=publisher.encrypted)
+        if not is_loopback_endpoint(cfg.publish.endpoint):
+            log.warning("publishing_beyond_loopback", endpoint=cfg.publish.endpoint, curve=publisher.encrypted)
         if cfg.metrics.enabled:
             server, _ = serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port)
             stack.callback(server.server_close)
             stack.callback(server.shutdown)
             log.info("metrics_serving", address=f"{cfg.metrics.host}:{server.server_port}")
+            if not is_loopback_host(cfg.metrics.host):
+                log.warning("metrics_beyond_loopback", address=cfg.metrics.address)
 
         def build(c: AgentConfig):
             p = build_pipeline(c, log)
@@ -175,8 +180,49 @@ def tail_main(argv: Sequence[str]) -> int:
     p.add_argument("--count", type=int, help="exit after this many messages")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
     p.add_argument("--json", action="store_true", help="print raw JSON payloads")
+    p.add_argument("--curve-client-cert", type=Path, help="this subscriber's CURVE certificate (.key_secret)")
+    p.add_argument("--curve-server-key", type=Path, help="the daemon's public CURVE certificate (.key)")
     a = p.parse_args(argv)
-    return tail(a.endpoint, a.topic or list(TOPICS), a.count, a.timeout, a.json)
+    if (a.curve_client_cert is None) != (a.curve_server_key is None):
+        p.error("--curve-client-cert and --curve-server-key go together")
+    curve = (a.curve_client_cert, a.curve_server_key) if a.curve_client_cert else None
+    try:
+        return tail(a.endpoint, a.topic or list(TOPICS), a.count, a.timeout, a.json, curve=curve)
+    except RetrofitError as e:
+        return _fail(e)
+
+
+def keys_main(argv: Sequence[str]) -> int:
+    from retrofit_agent.security import generate_curve_keys, generate_signing_keys
+
+    p = _Parser(prog=f"{PROG} keys", description="Generate CURVE certificates or Ed25519 bundle-signing keys.")
+    p.add_argument("kind", choices=("curve", "signing"))
+    p.add_argument("directory", type=Path)
+    p.add_argument("--name", default="retrofit-agent", help="file name stem")
+    a = p.parse_args(argv)
+    make = generate_curve_keys if a.kind == "curve" else generate_signing_keys
+    public, secret = make(a.directory, a.name)
+    sys.stdout.write(f"public: {public}\nsecret: {secret}\n")
+    return 0
+
+
+def sign_bundle_main(argv: Sequence[str]) -> int:
+    from retrofit_agent.bundle import load_bundle
+    from retrofit_agent.security import sign_bundle
+
+    p = _Parser(prog=f"{PROG} sign-bundle", description="Sign a bundle's manifest with an Ed25519 private key.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    a = p.parse_args(argv)
+    try:
+        load_bundle(a.bundle)  # never sign a bundle that does not verify
+        out = sign_bundle(a.bundle, a.key)
+    except RetrofitError as e:
+        return _fail(e)
+    except (OSError, ValueError) as e:
+        return _fail(ConfigError(f"cannot sign {a.bundle} with {a.key}: {e}"))
+    sys.stdout.write(f"{out}\n")
+    return 0
 
 
 def schema_main(argv: Sequence[str]) -> int:
@@ -206,7 +252,13 @@ def sample_clip_main(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, Any] = {"tail": tail_main, "schema": schema_main, "sample-clip": sample_clip_main}
+SUBCOMMANDS: dict[str, Any] = {
+    "tail": tail_main,
+    "schema": schema_main,
+    "sample-clip": sample_clip_main,
+    "keys": keys_main,
+    "sign-bundle": sign_bundle_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,6 +77,9 @@ class ModelConfig(_Section):
         0, ge=0, description="onnxruntime intra-op threads; 0 lets onnxruntime use the physical cores."
     )
     warmup_runs: int = Field(3, ge=1, description="Inference runs before the daemon reports ready.")
+    signing_public_key: Path | None = Field(
+        None, description="Ed25519 public key (PEM); when set, only bundles signed with its private key load."
+    )
 
 
 class LabelsConfig(_Section):
@@ -105,6 +108,15 @@ class LabelsConfig(_Section):
         return v
 
 
+class CurveConfig(_Section):
+    server_secret_key: Path = Field(
+        description="The daemon's CURVE certificate with its secret key (name.key_secret from 'retrofit-agent keys curve')."
+    )
+    authorized_keys_dir: Path = Field(
+        description="Directory of subscribers' public certificates (*.key); only these may connect."
+    )
+
+
 class PublishConfig(_Section):
     endpoint: str = Field(
         "tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint (tcp:// or ipc://)."
@@ -115,6 +127,9 @@ class PublishConfig(_Section):
     linger_ms: int = Field(0, ge=0, description="How long close() waits to flush queued messages.")
     status_interval_s: float = Field(
         2.0, gt=0, description="Period of the 'status' message that late subscribers catch up with."
+    )
+    curve: CurveConfig | None = Field(
+        None, description="ZeroMQ CURVE encryption and client authentication; unset publishes in the clear."
     )
 
     @field_validator("endpoint")

@@ -17,7 +17,7 @@ from retrofit_agent.preprocess import Preprocessor
 def build_pipeline(cfg: AgentConfig, log: structlog.typing.FilteringBoundLogger) -> ModelPipeline:
     """Load and fully verify the bundle, open and warm up the session. Raises RetrofitError."""
     t0 = time.monotonic()
-    bundle = load_bundle(cfg.model.bundle)
+    bundle = load_bundle(cfg.model.bundle, cfg.model.signing_public_key)
     m = bundle.manifest
     if not m.trained:
         log.warning("bundle_untrained", model=m.model_id, notice=m.notice)

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from retrofit_agent.config import PublishConfig
 from retrofit_agent.errors import PublishError
 from retrofit_agent.metrics import AgentMetrics
+from retrofit_agent.security import make_curve_server
 
 
 class Publisher:
@@ -22,11 +23,17 @@ class Publisher:
         self.socket = self._ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, cfg.send_hwm)
         self.socket.setsockopt(zmq.LINGER, cfg.linger_ms)
+        self._auth = None
         try:
+            if cfg.curve is not None:
+                self._auth = make_curve_server(self.socket, cfg.curve.server_secret_key, cfg.curve.authorized_keys_dir)
             self.socket.bind(cfg.endpoint)
         except zmq.ZMQError as e:
-            self.socket.close(linger=0)
+            self.close()
             raise PublishError(f"publish endpoint {cfg.endpoint}: cannot bind ({e.strerror})") from None
+        except Exception:
+            self.close()
+            raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def send(self, topic: str, message: BaseModel) -> bool:
@@ -41,5 +48,12 @@ class Publisher:
         self._metrics.messages_published.labels(topic=topic).inc()
         return True
 
+    @property
+    def encrypted(self) -> bool:
+        return self._auth is not None
+
     def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         self.socket.close()

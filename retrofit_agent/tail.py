@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 import zmq
+
+from retrofit_agent.security import make_curve_client
 
 from retrofit_agent.schema import TOPICS
 
@@ -30,12 +33,23 @@ def format_message(topic: str, msg: dict) -> str:
 
 
 def tail(
-    endpoint: str, topics: list[str], count: int | None, timeout: float | None, raw: bool, out: TextIO = sys.stdout
+    endpoint: str,
+    topics: list[str],
+    count: int | None,
+    timeout: float | None,
+    raw: bool,
+    out: TextIO = sys.stdout,
+    curve: tuple[Path, Path] | None = None,
 ) -> int:
-    """Print messages until ``count`` were shown or ``timeout`` seconds passed. Returns an exit code."""
+    """Print messages until ``count`` were shown or ``timeout`` seconds passed. Returns an exit code.
+
+    ``curve`` is (this client's secret certificate, the daemon's public certificate).
+    """
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        make_curve_client(sock, *curve)
     for t in topics:
         sock.setsockopt(zmq.SUBSCRIBE, t.encode())
     sock.connect(endpoint)
