@@ -19,14 +19,37 @@ _METHODS = {
 }
 
 
+# Name patterns of the parts of an exported timm CNN that are fragile under int8
+# (EfficientNet: the stem sees raw pixel statistics, squeeze-excitation gates multiply
+# activations by sigmoid outputs, the head's last matmul sets the embedding directly).
+EXCLUDE_PRESETS = {
+    "first_conv": (r"/backbone/conv_stem/",),
+    "se": (r"/se/",),
+    "head": (r"/backbone/conv_head/", r"^/head/"),
+}
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     method: str = "minmax"
     per_channel: bool = True
     nodes_to_exclude: list[str] = field(default_factory=list)
+    exclude: tuple[str, ...] = ()  # preset names from EXCLUDE_PRESETS and/or regexes
 
     def describe(self, n_images: int) -> str:
-        return f"{self.method}, {n_images} images"
+        excluded = f", float: {'+'.join(self.exclude)}" if self.exclude else ""
+        return f"{self.method}, {n_images} images{excluded}"
+
+
+def nodes_matching(model_path: Path, exclude: tuple[str, ...]) -> list[str]:
+    """Node names selected by presets (see EXCLUDE_PRESETS) or regular expressions."""
+    import re
+
+    import onnx
+
+    patterns = [p for e in exclude for p in EXCLUDE_PRESETS.get(e, (e,))]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if any(re.search(p, n.name) for p in patterns)]
 
 
 class _Batches(CalibrationDataReader):
@@ -48,11 +71,27 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
+        excluded = list(settings.nodes_to_exclude) + nodes_matching(prepped, settings.exclude)
         quantize_static(
             str(prepped), str(out_path), _Batches(input_name, calib),
             quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=_METHODS[settings.method], nodes_to_exclude=settings.nodes_to_exclude or None,
+            calibrate_method=_METHODS[settings.method], nodes_to_exclude=excluded or None,
             extra_options={"CalibMovingAverage": False},
         )
     return out_path
+
+
+def to_ort_format(onnx_path: Path) -> Path:
+    """Convert to the .ort format that minimal onnxruntime builds on the camera load."""
+    import onnxruntime as ort
+
+    out = onnx_path.with_suffix(".ort")
+    opts = ort.SessionOptions()
+    # Basic level only: extended/layout optimisations are hardware-specific and would be
+    # baked in for this workstation's CPU rather than the camera's.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(out)
+    opts.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return out

@@ -24,9 +24,9 @@ import torch
 
 from retrofit_agent import __version__
 from retrofit_agent.bundle import (
-    BankSpec, EmbeddingSpace, Manifest, ModelSpec, OutputSpec, Quantization, load_bundle, write_manifest,
+    BankSpec, EmbeddingSpace, Manifest, ModelSpec, OutputSpec, Quantization, load_bank, load_bundle, write_manifest,
 )
-from retrofit_agent.inference import Embedder
+from retrofit_agent.train.gate import compare, enforce
 from retrofit_agent.preprocess import Preprocessor
 from retrofit_agent.prompts import load_prompts
 from retrofit_agent.sample import read_clip_frames
@@ -73,8 +73,11 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
         pre = Preprocessor(spec)
         settings = QuantSettings(method="minmax", per_channel=True)
         quantize_int8(fp32, out / MODEL_FILE, INPUT_NAME, [pre(f) for f in calib], settings)
-        report.update(_int8_vs_fp32(fp32, out / MODEL_FILE, held_out, pre, spec))
-    write_bank(out / BANK_FILE, teacher, prompts)
+        write_bank(out / BANK_FILE, teacher, prompts)
+        gate = compare(fp32, out / MODEL_FILE, pre.batch(held_out), load_bank(out / BANK_FILE), (INPUT_NAME, OUTPUT_NAME))
+        enforce(gate, 0.98, 0.95, force=False)
+        report.update(int8_vs_fp32_mean_cosine=gate.mean_cosine, int8_vs_fp32_min_cosine=gate.min_cosine,
+                      int8_vs_fp32_top1_agreement=gate.top1_agreement)
     manifest = Manifest(
         name="retrofit-reference-untrained",
         version=version,
@@ -97,18 +100,6 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
     load_bundle(out)  # the daemon's own checks, before anyone commits it
     report["model_bytes"] = (out / MODEL_FILE).stat().st_size
     return report
-
-
-def _int8_vs_fp32(fp32: Path, int8: Path, frames: list[np.ndarray], pre: Preprocessor, spec) -> dict:
-    from retrofit_agent.bundle import InputSpec  # noqa: F401  (spec is an InputSpec)
-    from retrofit_agent.inference import open_session
-
-    x = pre.batch(frames)
-    a = open_session(fp32).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    b = open_session(int8).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    cos = (a * b).sum(axis=1)
-    return {"int8_vs_fp32_mean_cosine": float(cos.mean()), "int8_vs_fp32_min_cosine": float(cos.min())}
 
 
 def main(argv: list[str] | None = None) -> int:
