@@ -4,6 +4,22 @@
 # e.g. `-m "not slow"` for a quicker local run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --- Debian programs for the deployment tests (tests/deploy): systemd-analyze/systemd-sysusers,
+# promtool + prometheus, debootstrap + qemu-user-static (ARM64 root filesystem), strace (syscall
+# check), ffmpeg. apt-get runs only when one is missing, so repeated local runs stay fast.
+DEB_PACKAGES="systemd prometheus debootstrap qemu-user-static strace ffmpeg zstd ca-certificates"
+missing=""
+for pkg in $DEB_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+elif [ -n "$missing" ]; then
+  echo "no apt-get: tests needing$missing will be skipped" >&2
+fi
+# --- end of Debian programs
 VENV=${VENV:-.venv}
 pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
 
