@@ -284,7 +284,12 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def save_bank(path: Path, embeddings: np.ndarray, groups: list[str], labels: list[str], teacher: str, fingerprint: str) -> None:
+def save_bank(
+    path: Path, embeddings: np.ndarray, groups: list[str], labels: list[str], teacher: str, fingerprint: str,
+    logit_scale: float | None = None,
+) -> None:
+    """Write a bank; ``logit_scale`` (the teacher's) is kept for the bundle builder."""
+    extra = {} if logit_scale is None else {"logit_scale": np.asarray(logit_scale, dtype=np.float32)}
     np.savez(
         path,
         embeddings=np.asarray(embeddings, dtype=np.float32),
@@ -292,4 +297,5 @@ def save_bank(path: Path, embeddings: np.ndarray, groups: list[str], labels: lis
         labels=np.asarray(labels, dtype=np.str_),
         teacher=np.asarray(teacher, dtype=np.str_),
         fingerprint=np.asarray(fingerprint, dtype=np.str_),
+        **extra,
     )

@@ -27,5 +27,5 @@ def encode_prompt_set(teacher: Teacher, prompts: PromptSet, batch_size: int = 25
 
 def write_bank(path: Path, teacher: Teacher, prompts: PromptSet) -> Path:
     emb, groups, labels = encode_prompt_set(teacher, prompts)
-    save_bank(path, emb, groups, labels, teacher.identity, teacher.fingerprint())
+    save_bank(path, emb, groups, labels, teacher.identity, teacher.fingerprint(), teacher.logit_scale)
     return path

@@ -85,3 +85,56 @@ def bench(models: dict[str, tuple[Path, tuple[int, ...], int]], threads: list[in
             p50, p99 = time_session(path, shape, t, runs)
             rows.append(BenchRow(name, t, p50, p99, size))
     return rows
+
+
+PAPER = "paper: ~35 ms per 300x300 frame on the camera; ~25 MB student vs 1.2 GB CLIP ViT-L/14"
+
+
+def run_model_bench(teacher_name: str, bundle_dir: Path, runs: int = 20, teacher_runs: int = 8) -> list[BenchRow]:
+    """Export the teacher's image tower (seeded: latency and size depend on the architecture,
+    not the weights) and the student fp32 (same seed as the reference build), then time both
+    beside the bundle's int8 model and print the table, ratios and the paper's figures."""
+    import tempfile
+
+    from retrofit_agent.bundle import load_bundle
+    from retrofit_agent.train.export import export_onnx
+    from retrofit_agent.train.student import Student
+
+    b = load_bundle(bundle_dir)
+    h, w = b.manifest.model.input.height, b.manifest.model.input.width
+    arch = b.manifest.model.architecture.split("+")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        student = Student(arch if arch != "unknown" else "efficientnet_b3",
+                          embed_dim=b.manifest.model.output.embedding_dim, input_size=h).eval()
+        export_onnx(student, tmp / "student.fp32.onnx", {})
+        del student
+        teacher = Teacher(teacher_name, pretrained=None, seed=0)
+        size = teacher.image_size
+        print(f"exporting {teacher_name} image tower (seeded weights; latency and size depend on the architecture)")
+        export_teacher_image_tower(teacher, tmp / "teacher.onnx")
+        del teacher
+        rows = bench({
+            "teacher fp32": (tmp / "teacher.onnx", (1, 3, size, size), teacher_runs),
+            "student fp32": (tmp / "student.fp32.onnx", (1, 3, h, w), runs),
+            "student int8": (b.model_path, (1, 3, h, w), runs),
+        })
+    print_report(rows, teacher_name)
+    return rows
+
+
+def print_report(rows: list[BenchRow], teacher_name: str) -> None:
+    print(f"{'model':16}{'threads':>8}{'p50 ms':>10}{'p99 ms':>10}{'size MB':>10}")
+    for r in rows:
+        print(f"{r.model:16}{r.threads:>8}{r.p50_ms:>10.1f}{r.p99_ms:>10.1f}{r.size_mb:>10.1f}")
+    by = {(r.model, r.threads): r for r in rows}
+    for t in sorted({r.threads for r in rows}):
+        tch, f32, i8 = by[("teacher fp32", t)], by[("student fp32", t)], by[("student int8", t)]
+        print(f"{t} thread(s): student int8 {tch.p50_ms / i8.p50_ms:.1f}x faster than the {teacher_name} image tower "
+              f"(goal >= 20x); fp32/int8 latency ratio {f32.p50_ms / i8.p50_ms:.2f} (goal >= 1 at 1 thread)")
+    t1 = min(r.threads for r in rows)
+    i8, f32, tch = by[("student int8", t1)], by[("student fp32", t1)], by[("teacher fp32", t1)]
+    print(f"size: student int8 {i8.size_mb:.1f} MB (goal <= 15), fp32 {f32.size_mb:.1f} MB, teacher image tower "
+          f"{tch.size_mb:.0f} MB; int8/teacher {i8.size_mb / tch.size_mb:.3f}")
+    print(PAPER)

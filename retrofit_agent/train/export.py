@@ -50,8 +50,11 @@ def export_onnx(student: Student, path: Path, metadata: dict[str, str]) -> Path:
     return path
 
 
-def onnx_metadata(spec: InputSpec, embed_dim: int, teacher: str, fingerprint: str, version: str) -> dict[str, str]:
+def onnx_metadata(
+    spec: InputSpec, embed_dim: int, teacher: str, fingerprint: str, version: str, architecture: str = "unknown"
+) -> dict[str, str]:
     return {
+        "retrofit.architecture": architecture,
         "retrofit.input_spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),
         "retrofit.embedding_dim": str(embed_dim),
         "retrofit.teacher": teacher,

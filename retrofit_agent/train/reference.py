@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from retrofit_agent import __version__
-from retrofit_agent.bundle import (
-    BankSpec, EmbeddingSpace, Manifest, ModelSpec, OutputSpec, Quantization, load_bank, load_bundle, write_manifest,
-)
+from retrofit_agent.bundle import Quantization, load_bank
 from retrofit_agent.train.gate import compare, enforce
 from retrofit_agent.preprocess import Preprocessor
 from retrofit_agent.prompts import load_prompts
 from retrofit_agent.sample import read_clip_frames
+from retrofit_agent.train.assemble import BANK_FILE, MODEL_FILE, assemble_bundle
 from retrofit_agent.train.bank import write_bank
 from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec
 from retrofit_agent.train.quantize import QuantSettings, quantize_int8
@@ -44,8 +40,6 @@ NOTICE = (
     "Build a real bundle by distilling from a real CLIP teacher (retrofit-model distill) and "
     "exporting it (see README, 'Building a real bundle')."
 )
-MODEL_FILE = "student.int8.onnx"
-BANK_FILE = "bank.npz"
 
 
 def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, backbone: str = "efficientnet_b3") -> dict:
@@ -67,7 +61,7 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
             stale.unlink()
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "student.fp32.onnx"
-        meta = onnx_metadata(spec, teacher.embed_dim, teacher.identity, fingerprint, version)
+        meta = onnx_metadata(spec, teacher.embed_dim, teacher.identity, fingerprint, version, f"{backbone}+mlp")
         export_onnx(student, fp32, meta)
         report["parity_max_abs_diff"] = parity(student, fp32, held_out[:8], spec)
         pre = Preprocessor(spec)
@@ -78,26 +72,12 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
         enforce(gate, 0.98, 0.95, force=False)
         report.update(int8_vs_fp32_mean_cosine=gate.mean_cosine, int8_vs_fp32_min_cosine=gate.min_cosine,
                       int8_vs_fp32_top1_agreement=gate.top1_agreement)
-    manifest = Manifest(
-        name="retrofit-reference-untrained",
-        version=version,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        trained=False,
-        notice=NOTICE,
-        model=ModelSpec(
-            file=MODEL_FILE, architecture=f"{backbone}+mlp", input=spec,
-            output=OutputSpec(name=OUTPUT_NAME, embedding_dim=teacher.embed_dim),
-            quantization=Quantization(
-                mode="int8_static_qdq", per_channel=settings.per_channel,
-                calibration=f"{settings.describe(len(calib))} from the sample clip",
-            ),
-        ),
-        embedding_space=EmbeddingSpace(teacher=teacher.identity, fingerprint=fingerprint),
-        bank=BankSpec(file=BANK_FILE, logit_scale=teacher.logit_scale, groups=prompts.group_specs()),
-        files={},
+    quantization = Quantization(
+        mode="int8_static_qdq", per_channel=settings.per_channel,
+        calibration=f"{settings.describe(len(calib))} from the sample clip",
     )
-    write_manifest(out, manifest)
-    load_bundle(out)  # the daemon's own checks, before anyone commits it
+    assemble_bundle(out, out / MODEL_FILE, out / BANK_FILE, prompts, name="retrofit-reference-untrained",
+                    version=version, trained=False, notice=NOTICE, quantization=quantization)
     report["model_bytes"] = (out / MODEL_FILE).stat().st_size
     return report
 

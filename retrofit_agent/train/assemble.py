@@ -1,0 +1,81 @@
+"""Assemble a bundle directory from an exported model, a prompt bank and a prompts file.
+
+Everything the manifest says about the model comes from the ONNX metadata the exporter
+wrote (input spec, embedding dim, teacher identity and fingerprint, architecture), so the
+manifest cannot disagree with the model it describes; the daemon's own checks run last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from retrofit_agent.bundle import (
+    BankSpec, EmbeddingSpace, InputSpec, Manifest, ModelSpec, OutputSpec, Quantization, load_bundle, write_manifest,
+)
+from retrofit_agent.errors import BundleError
+from retrofit_agent.prompts import PromptSet
+
+MODEL_FILE = "student.int8.onnx"
+BANK_FILE = "bank.npz"
+
+
+def read_metadata(model_path: Path) -> dict[str, str]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in ("retrofit.input_spec", "retrofit.embedding_dim", "retrofit.teacher", "retrofit.fingerprint")
+               if k not in meta]
+    if missing:
+        raise BundleError(f"model {model_path}: ONNX metadata lacks {missing}; export it with retrofit-model export")
+    meta["output_name"] = model.graph.output[0].name
+    return meta
+
+
+def bank_logit_scale(bank: Path, default: float = 100.0) -> float:
+    with np.load(bank, allow_pickle=False) as npz:
+        return float(npz["logit_scale"]) if "logit_scale" in npz.files else default
+
+
+def assemble_bundle(
+    out: Path,
+    model: Path,
+    bank: Path,
+    prompts: PromptSet,
+    *,
+    name: str,
+    version: str,
+    trained: bool,
+    notice: str = "",
+    quantization: Quantization,
+) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model_dst, bank_dst = out / MODEL_FILE, out / BANK_FILE
+    for src, dst in ((model, model_dst), (bank, bank_dst)):
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+    meta = read_metadata(model_dst)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        trained=trained,
+        notice=notice,
+        model=ModelSpec(
+            file=MODEL_FILE,
+            architecture=meta.get("retrofit.architecture", "unknown"),
+            input=InputSpec.model_validate(json.loads(meta["retrofit.input_spec"])),
+            output=OutputSpec(name=meta["output_name"], embedding_dim=int(meta["retrofit.embedding_dim"])),
+            quantization=quantization,
+        ),
+        embedding_space=EmbeddingSpace(teacher=meta["retrofit.teacher"], fingerprint=meta["retrofit.fingerprint"]),
+        bank=BankSpec(file=BANK_FILE, logit_scale=bank_logit_scale(bank_dst), groups=prompts.group_specs()),
+        files={},
+    )
+    write_manifest(out, manifest)
+    load_bundle(out)  # the daemon's own checks: hashes, bank ↔ model space and dimension
+    return out
