@@ -49,7 +49,7 @@ def assemble_bundle(
     *,
     name: str,
     version: str,
-    trained: bool,
+    trained: bool | None,
     notice: str = "",
     quantization: Quantization,
 ) -> Path:
@@ -59,6 +59,10 @@ def assemble_bundle(
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
     meta = read_metadata(model_dst)
+    if trained is None:  # what the exporter recorded; unknown counts as untrained
+        trained = meta.get("retrofit.trained") == "true"
+    if not trained and not notice:
+        notice = "UNTRAINED: these weights were not distilled from a pretrained teacher; labels are not meaningful."
     manifest = Manifest(
         name=name,
         version=version,

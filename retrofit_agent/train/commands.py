@@ -34,38 +34,40 @@ def _images(folder: Path, count: int | None, what: str) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- export
 
 
-def load_student(checkpoint: Path):
-    """A Student from a distill checkpoint (its config and weights), ready for export."""
+def load_student(path: Path):
+    """The Student saved by ``retrofit-model distill`` (``<run>/student.pt``), ready for export."""
     import torch
 
     from retrofit_agent.train.student import Student
 
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"--checkpoint: cannot load {checkpoint}: {e}") from None
-    meta = ckpt.get("student_config") or {}
-    state = ckpt.get("student") or ckpt.get("model")
-    if not isinstance(state, dict) or not meta:
-        raise ConfigError(f"--checkpoint: {checkpoint} has no 'student' weights and 'student_config'")
-    student = Student(
-        meta["backbone"], embed_dim=int(meta["embed_dim"]), hidden_dim=int(meta["hidden_dim"]),
-        input_size=int(meta["input_size"]),
-    )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise ConfigError(f"--checkpoint: cannot load {path}: {e}") from None
+    arch, state = saved.get("architecture"), saved.get("student")
+    if not isinstance(arch, dict) or not isinstance(state, dict):
+        raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
+    student = Student(arch["backbone"], embed_dim=int(arch["embed_dim"]), hidden_dim=int(arch["hidden_dim"]),
+                      input_size=int(arch["input_size"]))
     student.load_state_dict({k: v for k, v in state.items() if k.startswith(("backbone.", "head."))})
-    return student.eval(), ckpt
+    return student.eval(), saved
+
+
+def _pretrained(tag: str | None) -> str | None:
+    return None if tag is None or tag.strip().lower() in ("", "none") else tag
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from retrofit_agent.train.export import export_onnx, onnx_metadata, parity, student_input_spec
 
-    student, ckpt = load_student(a.checkpoint)
-    teacher = ckpt.get("teacher_identity") or a.teacher_identity
-    fingerprint = ckpt.get("teacher_fingerprint") or a.teacher_fingerprint
+    student, saved = load_student(a.checkpoint)
+    teacher, fingerprint = saved.get("teacher"), saved.get("fingerprint")
     if not teacher or not fingerprint:
-        raise ConfigError("the checkpoint names no teacher: pass --teacher-identity and --teacher-fingerprint")
+        raise ConfigError(f"--checkpoint: {a.checkpoint} names no teacher identity and fingerprint")
     spec = student_input_spec(student)
     meta = onnx_metadata(spec, student.embed_dim, teacher, fingerprint, a.version, f"{student.backbone_name}+mlp")
+    # Trained only when distilled (steps > 0) from a pretrained teacher: a seeded teacher teaches nothing.
+    meta["retrofit.trained"] = str(bool(saved.get("trained_from_pretrained_teacher")) and saved.get("steps", 0) > 0).lower()
     export_onnx(student, a.out, meta)
     diff = parity(student, a.out, _images(a.images, 16, "--images"), spec)
     print(f"exported {a.out}; parity torch vs onnxruntime fp32 on real images: max |diff| {diff:.2e} (limit 1e-4)")
@@ -76,12 +78,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="student checkpoint → ONNX fp32 with metadata and a parity check")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True, help="student.pt from a distill run directory")
     p.add_argument("--images", type=Path, required=True, help="folder of real images for the parity check")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--version", default="0.1.0")
-    p.add_argument("--teacher-identity", help="only for checkpoints that do not record it")
-    p.add_argument("--teacher-fingerprint", help="only for checkpoints that do not record it")
     p.set_defaults(func=cmd_export)
 
 
@@ -145,7 +145,7 @@ def cmd_prompts(a: argparse.Namespace) -> int:
     from retrofit_agent.train.teacher import Teacher
 
     prompts = load_prompts(a.prompts)
-    teacher = Teacher(a.teacher, pretrained=a.pretrained, seed=a.seed)
+    teacher = Teacher(a.teacher, pretrained=_pretrained(a.pretrained), seed=a.seed)
     write_bank(a.out, teacher, prompts)
     n = sum(len(g.labels) for g in prompts.groups)
     print(f"wrote {a.out}: {n} labels from {teacher.identity} (fingerprint {teacher.fingerprint()})")
@@ -157,7 +157,7 @@ def add_prompts(sub) -> None:
     p.add_argument("--prompts", type=Path, required=True)
     p.add_argument("--teacher", default="ViT-L-14")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or local checkpoint path")
-    p.add_argument("--seed", type=int, help="seeded random teacher (tests only; use with --pretrained '')")
+    p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_prompts)
 
@@ -169,7 +169,7 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
     quant = Quantization(mode=a.quantization, per_channel=a.quantization != "none", calibration=a.calibration_note)
     assemble_bundle(a.out, a.model, a.bank, load_prompts(a.prompts), name=a.name, version=a.version,
-                    trained=not a.untrained, notice=a.notice, quantization=quant)
+                    trained=False if a.untrained else None, notice=a.notice, quantization=quant)
     print(f"bundle {a.out} verified")
     return 0
 
@@ -183,7 +183,8 @@ def add_bundle(sub) -> None:
     p.add_argument("--version", required=True)
     p.add_argument("--quantization", choices=("int8_static_qdq", "none"), default="int8_static_qdq")
     p.add_argument("--calibration-note", default=None, help="how the model was calibrated (for the manifest)")
-    p.add_argument("--untrained", action="store_true", help="mark the weights as not trained")
+    p.add_argument("--untrained", action="store_true",
+                   help="mark the weights as not trained (default: what the exporter recorded)")
     p.add_argument("--notice", default="")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_bundle)
@@ -201,7 +202,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     bundle = load_bundle(a.bundle)
     spec = bundle.manifest.model
-    teacher = Teacher(a.teacher, pretrained=a.pretrained or None, seed=a.seed)
+    teacher = Teacher(a.teacher, pretrained=_pretrained(a.pretrained), seed=a.seed)
     if teacher.fingerprint() != bundle.manifest.embedding_space.fingerprint:
         raise ConfigError(f"--teacher {teacher.identity} is not the teacher of {a.bundle} "
                           f"({bundle.manifest.embedding_space.teacher})")
@@ -255,8 +256,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--fp32", type=Path, help="the student's fp32 ONNX, to report it beside int8")
     p.add_argument("--teacher", default="ViT-L-14")
-    p.add_argument("--pretrained", default="openai")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none")
+    p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
     p.add_argument("--imagefolder", type=Path, help="single-label ImageFolder root")
     p.add_argument("--multilabel", type=Path, help="JSON-lines index (e.g. from cityscapes-index)")
     p.add_argument("--classes", nargs="*", help="classes to score (default: all in the index)")
