@@ -47,3 +47,35 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.head(self.backbone(images)), dim=-1)
+
+    def feature_channels(self, index: int) -> int:
+        """Channels of feature map ``index`` (timm feature_info order; negative from the end)."""
+        return int(self.backbone.feature_info[index]["num_chs"])
+
+    def forward_with_features(self, images: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and feature map ``index`` from one pass (for the projectors).
+
+        Uses timm's ``forward_intermediates`` (which honours gradient checkpointing) where
+        the model has it, and a forward hook on the feature_info module otherwise.
+        """
+        n = len(self.backbone.feature_info)
+        idx = index % n
+        if hasattr(self.backbone, "forward_intermediates"):
+            final, maps = self.backbone.forward_intermediates(images, indices=[idx])
+            pooled = self.backbone.forward_head(final, pre_logits=True)
+            return nn.functional.normalize(self.head(pooled), dim=-1), maps[0]
+        seen: dict[str, torch.Tensor] = {}
+        module = self.backbone.get_submodule(self.backbone.feature_info[idx]["module"])
+        hook = module.register_forward_hook(lambda m, i, o: seen.setdefault("map", o))
+        try:
+            emb = self(images)
+        finally:
+            hook.remove()
+        return emb, seen["map"]
+
+    def describe(self) -> dict:
+        """What export needs to rebuild this student from a state dict."""
+        return {
+            "backbone": self.backbone_name, "embed_dim": self.embed_dim, "hidden_dim": self.head.net[0].out_features,
+            "input_size": self.input_size[0],
+        }

@@ -1,0 +1,135 @@
+"""End-to-end distillation with a seeded micro CLIP teacher and timm's test_efficientnet.
+
+The teacher is random (nothing can be downloaded here), so what is tested is that the
+student learns to reproduce *this* teacher: held-out cosine and zero-shot agreement rise
+far above where they start and above what a constant predictor reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from train_helpers import REPO, TINY, images, tiny_config  # noqa: E402,F401  (images is a fixture)
+
+from retrofit_agent.train.engine import Distiller  # noqa: E402
+
+pytestmark = [pytest.mark.train]
+
+
+def _metrics(out: Path, kind: str) -> list[dict]:
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [l for l in lines if l["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_student_learns_the_teacher_with_every_loss_part(tmp_path: Path, images: Path, capsys):
+    cfg = tiny_config(tmp_path / "run", [str(images)], optim={"max_steps": 80}, run={"eval_every": 40, "log_every": 10})
+    summary = Distiller(cfg).fit()
+    first, last = summary["initial"], summary["final"]
+    with capsys.disabled():
+        print(f"\n[distill] cosine {first['heldout_cosine']:.3f} -> {last['heldout_cosine']:.3f} "
+              f"(constant baseline {last['heldout_cosine_constant_baseline']:.3f}); top-1 agreement "
+              f"{first['heldout_top1_agreement']:.3f} -> {last['heldout_top1_agreement']:.3f} "
+              f"(constant baseline {last['heldout_top1_constant_baseline']:.3f}); centred cosine "
+              f"{first['heldout_centred_cosine']:.3f} -> {last['heldout_centred_cosine']:.3f}")
+    assert last["heldout_cosine"] > first["heldout_cosine"] + 0.5
+    assert last["heldout_cosine"] > last["heldout_cosine_constant_baseline"]
+    assert last["heldout_centred_cosine"] > first["heldout_centred_cosine"] + 0.4
+    assert last["heldout_top1_agreement"] >= first["heldout_top1_agreement"] + 0.4
+    # The random teacher gives most images one label, so a constant scores well; the student
+    # must also get the other images right: at most 60 % of the constant's disagreements.
+    assert 1 - last["heldout_top1_agreement"] <= 0.6 * (1 - last["heldout_top1_constant_baseline"])
+    train = _metrics(tmp_path / "run", "train")
+    parts = {"loss_embed_l2", "loss_embed_cosine", "loss_affinity", "loss_pca_attention", "loss_pca_value",
+             "loss_gl", "loss_adversarial", "loss_discriminator", "lr", "images_per_s", "loss"}
+    assert parts <= train[-1].keys()
+    assert train[-1]["loss"] < train[0]["loss"] / 2
+    assert 0.3 < sum(l["pca_substitution_rate"] for l in train) / len(train) < 0.7
+    assert train[-1]["adversarial_weight"] > train[0]["adversarial_weight"]  # ramped up
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=False)
+    # Only the student is kept for export: no projector or discriminator weights.
+    assert all(k.startswith(("backbone.", "head.")) for k in saved["student"])
+    assert saved["trained_from_pretrained_teacher"] is False
+    # The export command's loader rebuilds the same student from it (weights_only load).
+    from retrofit_agent.train.commands import load_student
+
+    student, _ = load_student(tmp_path / "run" / "student.pt")
+    assert student.describe() == saved["architecture"]
+    assert all(torch.equal(v, saved["student"][k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_continues_exactly(tmp_path: Path, images: Path):
+    sections = dict(optim={"max_steps": 8, "warmup_steps": 3}, run={"log_every": 1, "checkpoint_every": 4, "eval_every": 100},
+                    data={"max_images": 200, "batch_size": 16}, augment={"views": 2})
+    Distiller(tiny_config(tmp_path / "a", [str(images)], **sections)).fit()
+    first = Distiller(tiny_config(tmp_path / "b", [str(images)], **sections)).fit(until_step=4)
+    assert first["interrupted"] and (tmp_path / "b" / "checkpoints" / "last").exists()
+    Distiller(tiny_config(tmp_path / "b", [str(images)], **sections)).fit()  # a new process would do the same
+    a, b = _metrics(tmp_path / "a", "train"), _metrics(tmp_path / "b", "train")
+    assert [l["step"] for l in b] == list(range(1, 9))
+    keys = [k for k in a[0] if k.startswith("loss") or k in ("lr", "adversarial_weight")]
+    worst = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in keys)
+    print(f"[resume] largest loss/lr difference over 8 steps: {worst:.3g}")
+    assert worst <= 1e-5
+    wa = torch.load(tmp_path / "a" / "student.pt", weights_only=False)["student"]
+    wb = torch.load(tmp_path / "b" / "student.pt", weights_only=False)["student"]
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-5
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "retrofit_agent.train.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.slow
+def test_cli_distills_from_the_teacher_cache_and_skips_a_corrupt_image(tmp_path: Path, images: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(images.iterdir())[:160]:
+        (data / p.name).symlink_to(p)
+    (data / "zz-corrupt.jpg").write_bytes(b"\xff\xd8 truncated garbage")
+    out = tmp_path / "run"
+    args = ["distill", "--config", str(TINY), "--out", str(out), "--no-progress", "--max-steps", "15",
+            "--set", f'data.train=["{data}"]', "--set", "data.holdout=32", "--set", "cache.enabled=true",
+            "--set", "cache.shard_size=50", "--set", "loss.pca_attention=0", "--set", "loss.pca_value=0", "--set", "loss.gl=0",
+            "--log-format", "json"]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x faster" in r.stdout and "teacher cache:" in r.stdout
+    summary = json.loads(r.stdout[: r.stdout.rindex("}") + 1])
+    assert summary["skipped_images"] == 1
+    assert summary["final"]["heldout_cosine"] > summary["initial"]["heldout_cosine"]
+    assert len(list((out / "teacher-cache").glob("valid-*.npy"))) == 3  # 129 training images / 50 per shard
+    events = [json.loads(l) for l in r.stderr.splitlines() if l.startswith("{")]
+    assert any(e["event"] == "image_skipped" and e["image"].endswith("zz-corrupt.jpg") for e in events)
+    # Resumable: a lost shard is rebuilt alone; the others are reused.
+    (out / "teacher-cache" / "valid-00001.npy").unlink()
+    r2 = _cli(*args[:-2], "--set", "optim.max_steps=16", "--log-format", "json")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    shards = [json.loads(l) for l in r2.stderr.splitlines() if '"teacher_cache_shard"' in l]
+    assert [s["shard"] for s in shards] == [1]
+
+
+def test_cli_rejects_bad_config_with_one_line_and_exit_2(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[optim]\nlr = -1\n')
+    cases = {
+        ("--config", str(bad)): "optim.lr",
+        ("--config", str(TINY), "--set", "loss.nope=1"): "loss.nope: unknown setting",
+        ("--config", str(TINY), "--set", "cache.enabled=true"): "cache.enabled stores final embeddings only",
+        ("--config", str(tmp_path / "missing.toml")): "config file not found",
+        ("--config", str(TINY), "--set", "nonsense"): "must look like section.key=value",
+    }
+    for args, needle in cases.items():
+        r = _cli("distill", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
