@@ -52,6 +52,18 @@ def make_agent(tmp_path: Path, frames, reference_bundle: Path):
     return agent, metrics
 
 
+def run_to_end(agent: Agent) -> list[dict]:
+    """Run the frame loop until the source ends; returns the captured log events."""
+    agent.grabber.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert agent.run() == 0
+    finally:
+        agent.grabber.stop()
+        agent.publisher.close()
+    return logs
+
+
 def value(metrics: AgentMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels or None)
 
@@ -71,13 +83,7 @@ def test_bad_frames_are_converted_or_rejected_and_counted(tmp_path, reference_bu
     agent, metrics = make_agent(tmp_path, frames, reference_bundle)
     sub = subscriber(agent.publisher.endpoint, ("tags",))
     time.sleep(0.3)  # let the subscription reach the PUB socket before the first frame
-    agent.grabber.start()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            assert agent.run() == 0
-    finally:
-        agent.grabber.stop()
-        agent.publisher.close()
+    logs = run_to_end(agent)
     assert value(metrics, "retrofit_frames_processed_total") == 6
     assert value(metrics, "retrofit_frames_failed_total", reason="bad_frame") == 2
     assert [l["frame_id"] for l in logs if l["event"] == "bad_frame"] == [1, 5]
@@ -103,13 +109,7 @@ def test_inference_failure_is_logged_counted_and_skipped(tmp_path, reference_bun
     agent, metrics = make_agent(tmp_path, [render_frame(i) for i in range(4)], reference_bundle)
     emb = agent.pipeline.embedder
     emb.session = FlakySession(emb.session, fail_on=2)
-    agent.grabber.start()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            assert agent.run() == 0
-    finally:
-        agent.grabber.stop()
-        agent.publisher.close()
+    logs = run_to_end(agent)
     assert value(metrics, "retrofit_frames_processed_total") == 3
     assert value(metrics, "retrofit_frames_failed_total", reason="inference_error") == 1
     failed = [l for l in logs if l["event"] == "inference_failed"]

@@ -57,6 +57,12 @@ def _pretrained(tag: str | None) -> str | None:
     return None if tag is None or tag.strip().lower() in ("", "none") else tag
 
 
+def _teacher_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default="ViT-L-14", help="open_clip model name")
+    p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none")
+    p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from retrofit_agent.train.export import export_onnx, onnx_metadata, parity, student_input_spec
 
@@ -155,9 +161,7 @@ def cmd_prompts(a: argparse.Namespace) -> int:
 def add_prompts(sub) -> None:
     p = sub.add_parser("prompts", help="prompts file → text-embedding bank with the teacher's text tower")
     p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--teacher", default="ViT-L-14")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag or local checkpoint path")
-    p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
+    _teacher_arguments(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_prompts)
 
@@ -255,9 +259,7 @@ def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="zero-shot accuracy (ImageFolder) and per-class AUROC (multi-label index)")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--fp32", type=Path, help="the student's fp32 ONNX, to report it beside int8")
-    p.add_argument("--teacher", default="ViT-L-14")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none")
-    p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
+    _teacher_arguments(p)
     p.add_argument("--imagefolder", type=Path, help="single-label ImageFolder root")
     p.add_argument("--multilabel", type=Path, help="JSON-lines index (e.g. from cityscapes-index)")
     p.add_argument("--classes", nargs="*", help="classes to score (default: all in the index)")
