@@ -26,10 +26,10 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retrofit_agent.bundle import load_bundle  # noqa: E402
-from retrofit_agent.inference import open_session  # noqa: E402
-from retrofit_agent.preprocess import Preprocessor  # noqa: E402
-from retrofit_agent.sample import read_clip_frames  # noqa: E402
+from retrofit_agent.contract.bundle import load_bundle  # noqa: E402
+from retrofit_agent.contract.embedder import open_session  # noqa: E402
+from retrofit_agent.contract.preprocess import Preprocessor  # noqa: E402
+from retrofit_agent.contract.sample import read_clip_frames  # noqa: E402
 
 GOALS = {"throughput_ratio": 0.95, "fps": 35.0, "startup_s": 3.0, "rss_mb": 250.0}
 

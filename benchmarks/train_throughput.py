@@ -44,7 +44,7 @@ def child(spec: dict) -> dict:
     """One variant: build, warm up, time ``steps`` training steps."""
     import torch
 
-    from retrofit_agent.config import deep_merge
+    from retrofit_agent.daemon.config import deep_merge
     from retrofit_agent.train.config import load_distill_config
     from retrofit_agent.train.engine import Distiller
 

@@ -1,3 +1,3 @@
-from retrofit_agent.cli import main
+from retrofit_agent.daemon.cli import main
 
 raise SystemExit(main())

@@ -1,43 +1,20 @@
-"""Shared fixtures: the committed reference bundle, generated clips, a daemon runner."""
+"""Shared fixtures: the committed reference bundle, generated clips, a daemon runner.
+
+Plain helpers live in ``helpers.py``; import them from there, never from this file.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import zmq
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO / "models" / "reference"
-
-# Every daemon the tests start runs with torch, timm and open_clip made unimportable, so
-# each end-to-end test also proves the runtime is torch-free.
-_NO_TORCH = (
-    "import sys\n"
-    "for m in ('torch', 'torchvision', 'timm', 'open_clip'): sys.modules[m] = None\n"
-    "from retrofit_agent.cli import main\n"
-    "raise SystemExit(main(sys.argv[1:]))\n"
-)
-
-
-def agent_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", _NO_TORCH, *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import REFERENCE, REPO, RunningAgent, agent_command, free_port
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +25,7 @@ def reference_bundle() -> Path:
 @pytest.fixture(scope="session")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 40-frame synthetic driving clip written by the repo's own generator."""
-    from retrofit_agent.sample import write_clip
+    from retrofit_agent.contract.sample import write_clip
 
     return write_clip(tmp_path_factory.mktemp("clips") / "drive40.mp4", n_frames=40, fps=15.0)
 
@@ -59,46 +36,6 @@ def bundle_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(REFERENCE, dst)
     return dst
-
-
-class RunningAgent:
-    def __init__(self, proc: subprocess.Popen, endpoint: str, metrics_port: int, log_path: Path) -> None:
-        self.proc = proc
-        self.endpoint = endpoint
-        self.metrics_port = metrics_port
-        self.log_path = log_path
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def scrape(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
-            return r.read().decode()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early ({self.proc.returncode}): {self.logs()[-2000:]}")
-            try:
-                if "retrofit_ready 1.0" in self.scrape():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"daemon not ready within {timeout}s: {self.logs()[-2000:]}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self) -> list[dict]:
-        return [json.loads(l) for l in self.logs().splitlines() if l.startswith("{")]
-
-    def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
 
 
 @pytest.fixture
@@ -144,21 +81,3 @@ def subscriber() -> Iterator:
     for s in socks:
         s.close()
     ctx.term()
-
-
-def receive(sock: zmq.Socket, timeout: float) -> list[tuple[str, dict]]:
-    """Everything that arrives within ``timeout`` seconds."""
-    out = []
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        if sock.poll(int(remaining * 1000)):
-            topic, payload = sock.recv_multipart()
-            out.append((topic.decode(), json.loads(payload)))
-    return out
-
-
-def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        agent_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )

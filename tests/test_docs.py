@@ -1,9 +1,9 @@
-from retrofit_agent.config import AgentConfig
-from retrofit_agent.metrics import AgentMetrics
+from retrofit_agent.daemon.config import AgentConfig
+from retrofit_agent.daemon.metrics import AgentMetrics
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from conftest import REPO
+from helpers import REPO
 
 README = (REPO / "README.md").read_text()
 
@@ -23,7 +23,7 @@ def test_readme_documents_every_config_key():
 
 
 def test_readme_documents_every_campaign_key():
-    from retrofit_agent.config import CampaignConfig
+    from retrofit_agent.daemon.config import CampaignConfig
 
     for key in _keys(CampaignConfig):
         assert f"`{key}`" in README, f"campaign key {key} missing from README"

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from retrofit_agent.bundle import (
+from retrofit_agent.contract.bundle import (
     BankSpec, EmbeddingSpace, InputSpec, Manifest, ModelSpec, OutputSpec, Quantization, load_bundle, write_manifest,
 )
-from retrofit_agent.errors import BundleError
-from retrofit_agent.prompts import PromptSet
+from retrofit_agent.contract.errors import BundleError
+from retrofit_agent.contract.prompts import PromptSet
 
 MODEL_FILE = "student.int8.onnx"
 BANK_FILE = "bank.npz"

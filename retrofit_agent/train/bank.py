@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrofit_agent.bundle import save_bank
-from retrofit_agent.prompts import PromptSet
+from retrofit_agent.contract.bundle import save_bank
+from retrofit_agent.contract.prompts import PromptSet
 from retrofit_agent.train.teacher import Teacher
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrofit_agent.inference import open_session
+from retrofit_agent.contract.embedder import open_session
 from retrofit_agent.train.teacher import Teacher
 
 
@@ -96,7 +96,7 @@ def run_model_bench(teacher_name: str, bundle_dir: Path, runs: int = 20, teacher
     beside the bundle's int8 model and print the table, ratios and the paper's figures."""
     import tempfile
 
-    from retrofit_agent.bundle import load_bundle
+    from retrofit_agent.contract.bundle import load_bundle
     from retrofit_agent.train.export import export_onnx
     from retrofit_agent.train.student import Student
 

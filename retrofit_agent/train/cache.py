@@ -22,7 +22,7 @@ import structlog
 import torch
 from torch.utils.data import DataLoader
 
-from retrofit_agent.errors import ConfigError
+from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.train.data import DistillDataset, ImageRef, batched, collate
 from retrofit_agent.train.distributed import DistEnv, barrier
 from retrofit_agent.train.teacher import Teacher

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrofit_agent.errors import ConfigError
+from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.train.distributed import DistEnv, barrier
 
 LAST = "last"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from retrofit_agent.errors import ConfigError, RetrofitError
+from retrofit_agent.contract.errors import ConfigError, RetrofitError
 
 PROG = "retrofit-model"
 
@@ -70,7 +70,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    from retrofit_agent.logs import configure_logging
+    from retrofit_agent.contract.logs import configure_logging
     from retrofit_agent.train.config import load_distill_config
 
     cfg = load_distill_config(args.config, _overrides(args))

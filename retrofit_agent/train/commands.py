@@ -2,7 +2,7 @@
 export, quantize, prompts, bundle, evaluate, cityscapes-index, bench.
 
 Each ``add_*`` registers a subparser whose ``func`` takes the parsed namespace and returns
-an exit code; user errors raise :class:`~retrofit_agent.errors.RetrofitError` (one line,
+an exit code; user errors raise :class:`~retrofit_agent.contract.errors.RetrofitError` (one line,
 exit 2), handled by the CLI's entry point.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrofit_agent.errors import ConfigError
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.images import find_images
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _images(folder: Path, count: int | None, what: str) -> list[np.ndarray]:
@@ -24,7 +24,7 @@ def _images(folder: Path, count: int | None, what: str) -> list[np.ndarray]:
 
     if not folder.is_dir():
         raise ConfigError(f"{what}: not a directory: {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    paths = find_images(folder)[:count]
     frames = [f for f in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if f is not None]
     if not frames:
         raise ConfigError(f"{what}: no readable images in {folder}")
@@ -95,8 +95,8 @@ def add_export(sub) -> None:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    from retrofit_agent.bundle import InputSpec, load_bank
-    from retrofit_agent.preprocess import Preprocessor
+    from retrofit_agent.contract.bundle import InputSpec, load_bank
+    from retrofit_agent.contract.preprocess import Preprocessor
     from retrofit_agent.train.assemble import read_metadata
     from retrofit_agent.train.gate import compare, enforce
     from retrofit_agent.train.quantize import QuantSettings, quantize_int8, to_ort_format
@@ -146,7 +146,7 @@ def add_quantize(sub) -> None:
 
 
 def cmd_prompts(a: argparse.Namespace) -> int:
-    from retrofit_agent.prompts import load_prompts
+    from retrofit_agent.contract.prompts import load_prompts
     from retrofit_agent.train.bank import write_bank
     from retrofit_agent.train.teacher import Teacher
 
@@ -167,8 +167,8 @@ def add_prompts(sub) -> None:
 
 
 def cmd_bundle(a: argparse.Namespace) -> int:
-    from retrofit_agent.bundle import Quantization
-    from retrofit_agent.prompts import load_prompts
+    from retrofit_agent.contract.bundle import Quantization
+    from retrofit_agent.contract.prompts import load_prompts
     from retrofit_agent.train.assemble import assemble_bundle
 
     quant = Quantization(mode=a.quantization, per_channel=a.quantization != "none", calibration=a.calibration_note)
@@ -200,7 +200,7 @@ def add_bundle(sub) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
 
-    from retrofit_agent.bundle import load_bundle
+    from retrofit_agent.contract.bundle import load_bundle
     from retrofit_agent.train import evaluate as ev
     from retrofit_agent.train.teacher import Teacher
 
@@ -248,8 +248,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _teacher_preprocess(teacher):
     """The teacher's own view (its size, CLIP mean/std, centre crop) through the shared preprocessing."""
-    from retrofit_agent.bundle import InputSpec
-    from retrofit_agent.preprocess import Preprocessor
+    from retrofit_agent.contract.bundle import InputSpec
+    from retrofit_agent.contract.preprocess import Preprocessor
 
     return Preprocessor(InputSpec(name="image", height=teacher.image_size, width=teacher.image_size,
                                   mean=teacher.mean, std=teacher.std, resize="center_crop", interpolation="cubic"))

@@ -16,8 +16,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retrofit_agent.config import deep_merge, format_validation_error, read_toml
-from retrofit_agent.errors import ConfigError
+from retrofit_agent.contract.settings import deep_merge, format_validation_error, read_toml
+from retrofit_agent.contract.errors import ConfigError
 
 
 class _Strict(BaseModel):

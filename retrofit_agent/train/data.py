@@ -2,7 +2,7 @@
 
 Each sample is one decoded source image turned into the student's view (its input size,
 its mean/std) and the teacher's view (its size, CLIP mean/std) by the runtime's own
-:class:`~retrofit_agent.preprocess.Preprocessor`, so training sees frames exactly as the
+:class:`~retrofit_agent.contract.preprocess.Preprocessor`, so training sees frames exactly as the
 daemon prepares them and both models see the same content.
 
 Images that cannot be read or decoded are skipped and counted; a run never stops for one.
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from retrofit_agent.bundle import InputSpec
-from retrofit_agent.errors import ConfigError
-from retrofit_agent.preprocess import BadFrameError, Preprocessor, to_bgr8
+from retrofit_agent.contract.bundle import InputSpec
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.images import IMAGE_SUFFIXES, is_image
+from retrofit_agent.contract.preprocess import BadFrameError, Preprocessor, to_bgr8
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -78,7 +78,7 @@ def _index_path(path: Path) -> list[ImageRef]:
         raise ConfigError(f"data source {str(path)!r} does not exist")
     if path.name.endswith(".tar"):
         return index_tar(path)
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
+    if is_image(path):
         return [ImageRef(str(path))]
     raise ConfigError(f"data source {str(path)!r} is neither a folder, a .tar shard nor an image")
 
@@ -91,7 +91,7 @@ def _index_folder(root: Path) -> list[ImageRef]:
         dirnames.sort()
         rel = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if is_image(Path(name)):
                 refs.append(ImageRef(str(Path(dirpath) / name), label=rel[0] if rel else None))
     return refs
 
@@ -109,7 +109,7 @@ def index_tar(path: Path) -> list[ImageRef]:
                 if not member.isfile():
                     continue
                 key, ext = _split_key(member.name)
-                if ext in IMAGE_EXTENSIONS and key not in seen:
+                if ext in IMAGE_SUFFIXES and key not in seen:
                     seen.add(key)
                     refs.append(ImageRef(str(path), member.offset_data, member.size))
     except (tarfile.TarError, OSError) as e:

@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retrofit_agent.errors import ConfigError
-from retrofit_agent.prompts import load_prompts
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.prompts import load_prompts
 from retrofit_agent.train.augment import Augmenter, step_generator
 from retrofit_agent.train.cache import TeacherCache, build_cache
 from retrofit_agent.train.checkpoint import find_resume, load_checkpoint, save_checkpoint, set_rng_state

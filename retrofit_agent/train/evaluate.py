@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from retrofit_agent.contract.images import find_images
 
 # Cityscapes label ids → names, for the 19 classes used in evaluation (ignoreInEval False),
 # from cityscapesScripts' labels.py.
@@ -115,10 +115,9 @@ def image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     paths, targets = [], []
     for c, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(p)
-                targets.append(c)
+        for p in find_images(root / name):
+            paths.append(p)
+            targets.append(c)
     return paths, np.asarray(targets), classes
 
 
@@ -191,8 +190,8 @@ def encode_paths(paths: Iterable[Path], encoder: Encoder, batch: int = 16) -> np
 
 
 def onnx_encoder(model: Path, spec, input_name: str, output_name: str) -> Encoder:
-    from retrofit_agent.inference import open_session
-    from retrofit_agent.preprocess import Preprocessor
+    from retrofit_agent.contract.embedder import open_session
+    from retrofit_agent.contract.preprocess import Preprocessor
 
     sess, pre = open_session(model), Preprocessor(spec)
 

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import torch
 
-from retrofit_agent.bundle import InputSpec
-from retrofit_agent.inference import open_session
-from retrofit_agent.preprocess import Preprocessor
+from retrofit_agent.contract.bundle import InputSpec
+from retrofit_agent.contract.embedder import open_session
+from retrofit_agent.contract.preprocess import Preprocessor
 from retrofit_agent.train.student import Student
 
 INPUT_NAME = "image"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrofit_agent.bundle import TextBank
-from retrofit_agent.errors import RetrofitError
-from retrofit_agent.inference import open_session
+from retrofit_agent.contract.bundle import TextBank
+from retrofit_agent.contract.errors import RetrofitError
+from retrofit_agent.contract.embedder import open_session
 
 
 class QualityGateError(RetrofitError):

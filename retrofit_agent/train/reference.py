@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from retrofit_agent import __version__
-from retrofit_agent.bundle import Quantization, load_bank
+from retrofit_agent.contract.bundle import Quantization, load_bank
 from retrofit_agent.train.gate import compare, enforce
-from retrofit_agent.preprocess import Preprocessor
-from retrofit_agent.prompts import load_prompts
-from retrofit_agent.sample import read_clip_frames
+from retrofit_agent.contract.preprocess import Preprocessor
+from retrofit_agent.contract.prompts import load_prompts
+from retrofit_agent.contract.sample import read_clip_frames
 from retrofit_agent.train.assemble import BANK_FILE, MODEL_FILE, assemble_bundle
 from retrofit_agent.train.bank import write_bank
 from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec

@@ -10,7 +10,7 @@ import open_clip
 import torch
 from torch import nn
 
-from retrofit_agent.bundle import InputSpec
+from retrofit_agent.contract.bundle import InputSpec
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False

@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 import zmq
 
-from conftest import REFERENCE, free_port
+from helpers import REFERENCE, free_port
 from deploy_helpers import DEPLOY, REPO, need, report
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -50,7 +50,7 @@ def emulated(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.
 
 
 def test_rootfs_python_is_aarch64_debian_with_the_runtime(rootfs: Path):
-    probe = ("import platform, sys, onnxruntime, cv2, zmq, numpy, cryptography, retrofit_agent.agent; "
+    probe = ("import platform, sys, onnxruntime, cv2, zmq, numpy, cryptography, retrofit_agent.daemon.agent; "
              "print(platform.machine(), '%d.%d' % sys.version_info[:2], onnxruntime.__version__, "
              "onnxruntime.get_available_providers())")
     p = emulated("-c", probe, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

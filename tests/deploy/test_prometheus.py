@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import REFERENCE, agent_command, free_port
+from helpers import REFERENCE, agent_command, free_port
 from deploy_helpers import DEPLOY, REPO, need, report
 
 PROM = DEPLOY / "prometheus"

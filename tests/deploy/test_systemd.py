@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import REFERENCE, agent_command, free_port
+from helpers import REFERENCE, agent_command, free_port
 from deploy_helpers import DEPLOY, REPO, UNIT, need, report, unit_settings
 
 README = REPO / "README.md"
@@ -162,7 +162,7 @@ class NotifyRun:
 
 
 def _jpeg_frames() -> list[bytes]:
-    from retrofit_agent.sample import render_frame
+    from retrofit_agent.contract.sample import render_frame
 
     return [cv2.imencode(".jpg", render_frame(i, n_frames=30))[1].tobytes() for i in range(30)]
 

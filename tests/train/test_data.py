@@ -13,9 +13,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from retrofit_agent.bundle import InputSpec  # noqa: E402
-from retrofit_agent.errors import ConfigError  # noqa: E402
-from retrofit_agent.preprocess import Preprocessor  # noqa: E402
+from retrofit_agent.contract.bundle import InputSpec  # noqa: E402
+from retrofit_agent.contract.errors import ConfigError  # noqa: E402
+from retrofit_agent.contract.preprocess import Preprocessor  # noqa: E402
 from retrofit_agent.train.data import (  # noqa: E402
     DistillDataset, EpochBatchSampler, Skipped, collate, expand_pattern, index_sources, split_holdout,
 )

@@ -23,7 +23,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(out: Path, train: list[str], **sections: dict[str, Any]):
     """models/configs/tiny.toml with the run in ``out``, data from ``train``, no progress bar."""
-    from retrofit_agent.config import deep_merge
+    from retrofit_agent.daemon.config import deep_merge
     from retrofit_agent.train.config import load_distill_config
 
     base = {"data": {"train": train, "workers": 0}, "run": {"out_dir": str(out), "progress": False},

@@ -1,0 +1,91 @@
+"""Settings I/O shared by every program: TOML files, dotted and environment overrides, and
+pydantic validation errors turned into one line.
+
+The daemon's config, the toolchain's config and the prompts file all read through here, so
+a bad file reads the same everywhere: one line naming the file, the field and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from retrofit_agent.contract.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file, turning every failure into a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def env_overrides(environ: Mapping[str, str], prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Nested overrides from ``<prefix>SECTION__FIELD`` variables (e.g. ``RETROFIT_CAMERA__SOURCE``).
+
+    Values stay strings (pydantic coerces them) except JSON objects and lists, which are
+    decoded so that e.g. ``RETROFIT_LABELS__THRESHOLDS='{"weather.rain": 0.6}'`` works.
+    """
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(prefix) or name in skip:
+            continue
+        path = [p.lower() for p in name[len(prefix) :].split("__")]
+        if value.lstrip().startswith(("{", "[")):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{name}: not valid JSON: {e}") from None
+        set_path(out, path, value, origin=name)
+    return out
+
+
+def set_path(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path)} conflicts with a scalar setting")
+        node = child
+    node[path[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, origin: str = "config") -> str:
+    """One line naming the first offending field and value (and how many more there are)."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    line = f"{origin} error: {loc}: {msg}"
+    if "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
+        line += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    if more:
+        line += f" [and {more} more]"
+    return line

@@ -1,0 +1,54 @@
+"""Campaign rules over tags: condition, minimum duration, rate limits. Pure logic, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Mapping
+
+from retrofit_agent.daemon.config import CampaignConfig, CampaignRule
+
+HOUR_S = 3600.0
+
+
+class Decision(enum.Enum):
+    IDLE = "idle"  # the condition does not hold
+    WAITING = "waiting"  # it holds, but not yet for min_duration_s
+    TRIGGER = "trigger"  # capture now
+    RATE_LIMITED = "rate_limited"  # it holds long enough, but a rate limit says not now
+
+
+def rule_matches(rule: CampaignRule, tags: Mapping[str, float]) -> bool:
+    """``tags`` maps each tag that is on ('group.label') to its score."""
+    strong = {k for k, score in tags.items() if score >= rule.min_score}
+    if rule.any_of and not strong.intersection(rule.any_of):
+        return False
+    if any(k not in strong for k in rule.all_of):
+        return False
+    return not any(k in tags for k in rule.none_of)
+
+
+class CampaignState:
+    """Tracks one campaign across frames. ``now`` is a monotonic clock in seconds."""
+
+    def __init__(self, cfg: CampaignConfig) -> None:
+        self.cfg = cfg
+        self._holding_since: float | None = None
+        self._triggers: deque[float] = deque()
+
+    def update(self, tags: Mapping[str, float], now: float) -> Decision:
+        if not rule_matches(self.cfg.rule, tags):
+            self._holding_since = None
+            return Decision.IDLE
+        if self._holding_since is None:
+            self._holding_since = now
+        if now - self._holding_since < self.cfg.rule.min_duration_s:
+            return Decision.WAITING
+        while self._triggers and now - self._triggers[0] >= HOUR_S:
+            self._triggers.popleft()
+        if self._triggers and now - self._triggers[-1] < self.cfg.min_interval_s:
+            return Decision.RATE_LIMITED
+        if len(self._triggers) >= self.cfg.max_per_hour:
+            return Decision.RATE_LIMITED
+        self._triggers.append(now)
+        return Decision.TRIGGER

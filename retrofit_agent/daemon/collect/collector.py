@@ -1,0 +1,283 @@
+"""Runs campaigns over labelled frames and hands captures to a writer thread.
+
+The frame loop calls :meth:`Collector.observe` once per processed frame (cheap: rule
+checks and a ring-buffer append) and :meth:`Collector.drain_saved` to publish what the
+writer finished. JPEG encoding, fsync and eviction happen on the writer thread, so a slow
+or full disk never stalls labelling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import cv2
+import numpy as np
+import structlog
+
+from retrofit_agent.daemon.collect.campaigns import CampaignState, Decision
+from retrofit_agent.daemon.collect.store import CaptureStore, DiskFullError, StoredItem
+from retrofit_agent.daemon.config import CampaignConfig, CollectConfig
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.daemon.metrics import AgentMetrics
+
+log = structlog.get_logger("retrofit_agent.daemon.collect")
+SIDECAR_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """A processed frame as the collector sees it."""
+
+    image: np.ndarray
+    frame_id: int
+    seq: int  # seq of its tags message
+    captured_wall: float
+    captured_mono: float
+    tags: dict[str, float]  # tags that are on → score
+    top: dict[str, tuple[str, float]]  # group → (best label, score)
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    campaign: CampaignConfig
+    record: FrameRecord
+    role: str  # before | trigger | after
+    offset: int  # frames relative to the trigger
+
+
+@dataclass(frozen=True)
+class SavedCapture:
+    job: CaptureJob
+    item: StoredItem
+
+
+@dataclass
+class _Pending:
+    campaign: CampaignConfig
+    remaining: int
+    offset: int = 0
+
+
+@dataclass
+class _CampaignRun:
+    state: CampaignState
+    last_saved_frame: int = -1
+    pending: list[_Pending] = field(default_factory=list)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]+", "-", text).strip("-") or "camera"
+
+
+def check_campaign_tags(cfg: CollectConfig, known: set[str]) -> None:
+    for c in cfg.campaigns:
+        unknown = sorted(c.rule.keys - known)
+        if unknown:
+            raise ConfigError(
+                f"config error: collect.campaigns ({c.name}): unknown tag {unknown[0]!r}; "
+                "tags are 'group.label' from the bundle's manifest"
+            )
+
+
+class Collector:
+    def __init__(
+        self,
+        cfg: CollectConfig,
+        metrics: AgentMetrics,
+        camera: str,
+        model: tuple[str, str],  # (model id, bundle version)
+        clock: Callable[[], float] = time.monotonic,
+        store: CaptureStore | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._metrics = metrics
+        self._camera = camera
+        self._camera_safe = _safe(camera)
+        self.model_id, self.model_version = model
+        self._clock = clock
+        self.store = store or CaptureStore(cfg.store.directory, cfg.store.max_bytes, cfg.store.max_files)
+        self._runs: dict[str, _CampaignRun] = {}
+        self._ring: deque[FrameRecord] = deque(maxlen=1)
+        self._jobs: queue.Queue[CaptureJob | None] = queue.Queue(maxsize=cfg.store.queue_size)
+        self._saved: queue.SimpleQueue[SavedCapture] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.disk_full = False
+        self.set_campaigns(cfg.campaigns)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        removed = self.store.open()
+        if any(removed.values()):
+            log.warning("store_recovered", directory=str(self.store.directory), **removed)
+        self._update_gauges()
+        log.info("store_opened", directory=str(self.store.directory), files=self.store.files, bytes=self.store.bytes,
+                 campaigns=[c for c in self._runs])
+        self._thread = threading.Thread(target=self._writer, name="capture-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Finish the queued writes for at most ``timeout`` seconds, then stop."""
+        self._stop.set()
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def set_campaigns(self, campaigns: list[CampaignConfig]) -> None:
+        """(Re)configure campaigns between frames; a campaign that stays keeps its rate-limit state."""
+        old = self._runs
+        self._runs = {}
+        for c in campaigns:
+            run = old.get(c.name) or _CampaignRun(CampaignState(c))
+            run.state.cfg = c
+            self._runs[c.name] = run
+            for reason in ("rate_limited", "queue_full", "disk_full", "write_error"):
+                self._metrics.captures_skipped.labels(campaign=c.name, reason=reason)
+            self._metrics.captures_saved.labels(campaign=c.name)
+            self._metrics.captures_evicted.labels(campaign=c.name)
+        depth = max([c.frames_before for c in campaigns], default=0) + 1
+        self._ring = deque(self._ring, maxlen=depth)
+
+    def set_model(self, model_id: str, version: str) -> None:
+        self.model_id, self.model_version = model_id, version
+
+    # ------------------------------------------------------------------ frame loop side
+
+    def observe(self, record: FrameRecord) -> None:
+        for name, run in self._runs.items():
+            self._continue_pending(run, record)
+            decision = run.state.update(record.tags, record.captured_mono)
+            if decision is Decision.TRIGGER:
+                self._trigger(run, record)
+            elif decision is Decision.RATE_LIMITED:
+                self._metrics.captures_skipped.labels(campaign=name, reason="rate_limited").inc()
+        self._ring.append(record)
+
+    def drain_saved(self) -> list[SavedCapture]:
+        out = []
+        while True:
+            try:
+                out.append(self._saved.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _trigger(self, run: _CampaignRun, record: FrameRecord) -> None:
+        c = run.state.cfg
+        log.info("campaign_triggered", campaign=c.name, frame_id=record.frame_id, tags=sorted(record.tags))
+        before = list(self._ring)[-c.frames_before :] if c.frames_before else []
+        for i, earlier in enumerate(before):
+            self._enqueue(run, CaptureJob(c, earlier, "before", i - len(before)))
+        self._enqueue(run, CaptureJob(c, record, "trigger", 0))
+        if c.frames_after:
+            run.pending.append(_Pending(c, c.frames_after))
+
+    def _continue_pending(self, run: _CampaignRun, record: FrameRecord) -> None:
+        for p in run.pending:
+            p.offset += 1
+            p.remaining -= 1
+            self._enqueue(run, CaptureJob(p.campaign, record, "after", p.offset))
+        run.pending = [p for p in run.pending if p.remaining > 0]
+
+    def _enqueue(self, run: _CampaignRun, job: CaptureJob) -> None:
+        if job.record.frame_id <= run.last_saved_frame:
+            return  # already kept for this campaign (overlapping windows)
+        run.last_saved_frame = job.record.frame_id
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="queue_full").inc()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer(self) -> None:
+        retry_at = 0.0
+        rescan_at = self._clock() + self.cfg.store.rescan_interval_s
+        while True:
+            try:
+                job = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                job = None
+                if self._stop.is_set():
+                    return
+            now = self._clock()
+            if now >= rescan_at:
+                self.store.rescan()
+                self._update_gauges()
+                rescan_at = now + self.cfg.store.rescan_interval_s
+            if job is None:
+                if self._stop.is_set():
+                    return
+                continue
+            if self.disk_full and now < retry_at:
+                self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="disk_full").inc()
+                continue
+            try:
+                self._save(job)
+            except DiskFullError:
+                self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="disk_full").inc()
+                if not self.disk_full:
+                    log.error("store_disk_full", directory=str(self.store.directory),
+                              retry_s=self.cfg.store.disk_full_retry_s)
+                self.disk_full = True
+                retry_at = now + self.cfg.store.disk_full_retry_s
+            except Exception as e:  # thread boundary: keep the writer alive, count and log
+                self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="write_error").inc()
+                log.error("capture_write_failed", campaign=job.campaign.name, error=str(e))
+
+    def _save(self, job: CaptureJob) -> None:
+        c, r = job.campaign, job.record
+        image = r.image
+        if c.max_width and image.shape[1] > c.max_width:
+            h = max(1, round(image.shape[0] * c.max_width / image.shape[1]))
+            image = cv2.resize(image, (c.max_width, h), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, c.jpeg_quality])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        jpeg = buf.tobytes()
+        when = datetime.fromtimestamp(r.captured_wall, tz=timezone.utc)
+        capture_id = f"{when:%Y%m%dT%H%M%S_%f}Z_{self._camera_safe}_{r.frame_id:09d}"
+        sidecar = {
+            "schema_version": SIDECAR_SCHEMA_VERSION,
+            "campaign": c.name,
+            "capture_id": capture_id,
+            "image": f"{capture_id}.jpg",
+            "image_sha256": hashlib.sha256(jpeg).hexdigest(),
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "jpeg_quality": c.jpeg_quality,
+            "role": job.role,
+            "offset": job.offset,
+            "captured_at": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "camera": self._camera,
+            "model": self.model_id,
+            "model_version": self.model_version,
+            "seq": r.seq,
+            "frame_id": r.frame_id,
+            "tags": [{"tag": k, "score": v} for k, v in sorted(r.tags.items())],
+            "top": {g: {"label": l, "score": s} for g, (l, s) in r.top.items()},
+        }
+        item, evicted = self.store.save(c.name, f"{when:%Y-%m-%d}", capture_id, jpeg, sidecar)
+        if self.disk_full:
+            log.info("store_space_returned", directory=str(self.store.directory))
+            self.disk_full = False
+        self._metrics.captures_saved.labels(campaign=c.name).inc()
+        for old in evicted:
+            self._metrics.captures_evicted.labels(campaign=old.campaign).inc()
+        self._update_gauges()
+        self._saved.put(SavedCapture(job, item))
+
+    def _update_gauges(self) -> None:
+        self._metrics.store_bytes.set(self.store.bytes)
+        self._metrics.store_files.set(self.store.files)

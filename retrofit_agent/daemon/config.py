@@ -1,0 +1,289 @@
+"""The daemon's configuration: one validated pydantic model.
+
+Sources, lowest precedence first: field defaults, a TOML file (``--config``), environment
+variables (``RETROFIT_SECTION__FIELD``, e.g. ``RETROFIT_CAMERA__SOURCE``) and command-line
+flags. Validators are pure: they never touch files or hardware (that is the components'
+job at start-up).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.settings import deep_merge, env_overrides, format_validation_error, read_toml, set_path
+
+ENV_PREFIX = "RETROFIT_"
+ENV_CONFIG_FILE = "RETROFIT_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Section):
+    source: str = Field(
+        "/dev/video0",
+        description="V4L2 device (/dev/videoN or an index), video file, rtsp/http(s) URL, "
+        "or a GStreamer pipeline ending in appsink.",
+    )
+    id: str | None = Field(
+        None, description="Camera id used in messages, logs and metrics; defaults to the source's name."
+    )
+    kind: Literal["auto", "v4l2", "file", "url", "gstreamer"] = Field(
+        "auto", description="Source kind; 'auto' infers it from the source string."
+    )
+    loop: bool = Field(False, description="Restart a video file at its end instead of exiting.")
+    realtime: bool = Field(
+        False,
+        description="Pace a video file at its own frame rate, as a live camera would deliver it "
+        "(frames the model cannot keep up with are dropped). Off: every frame is processed.",
+    )
+    fourcc: str | None = Field(None, description="V4L2 pixel format to request, e.g. 'MJPG'.")
+    width: int | None = Field(None, gt=0, description="Requested capture width in pixels.")
+    height: int | None = Field(None, gt=0, description="Requested capture height in pixels.")
+    fps: float | None = Field(None, gt=0, description="Requested capture frame rate.")
+    open_timeout_s: float = Field(10.0, gt=0, description="Timeout for opening a network stream.")
+    read_timeout_s: float = Field(5.0, gt=0, description="Timeout for one read from a network stream.")
+    stall_timeout_s: float = Field(
+        5.0, gt=0, description="A live source that delivers no new frame for this long is reopened."
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles per failure.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Upper bound of the reconnect delay.")
+
+    @field_validator("fourcc")
+    @classmethod
+    def _four_chars(cls, v: str | None) -> str | None:
+        if v is not None and len(v) != 4:
+            raise ValueError(f"a FOURCC has exactly 4 characters, got {v!r}")
+        return v
+
+
+class ModelConfig(_Section):
+    bundle: Path = Field(
+        Path("models/reference"), description="Model bundle directory (manifest.json, model, bank)."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads; 0 lets onnxruntime use the physical cores."
+    )
+    warmup_runs: int = Field(3, ge=1, description="Inference runs before the daemon reports ready.")
+    signing_public_key: Path | None = Field(
+        None, description="Ed25519 public key (PEM); when set, only bundles signed with its private key load."
+    )
+
+
+class LabelsConfig(_Section):
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-label probability thresholds overriding the manifest, keyed 'group.label'.",
+    )
+    smoothing_alpha: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="EMA weight of the newest frame's probabilities; 1.0 disables smoothing.",
+    )
+    hysteresis: float = Field(
+        0.0, ge=0, lt=1, description="A tag that is on turns off only below threshold - hysteresis."
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _threshold_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if key.count(".") != 1:
+                raise ValueError(f"threshold key {key!r} must be 'group.label'")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"threshold for {key!r} must be within [0, 1], got {value}")
+        return v
+
+
+class CurveConfig(_Section):
+    server_secret_key: Path = Field(
+        description="The daemon's CURVE certificate with its secret key (name.key_secret from 'retrofit-agent keys curve')."
+    )
+    authorized_keys_dir: Path = Field(
+        description="Directory of subscribers' public certificates (*.key); only these may connect."
+    )
+
+
+class PublishConfig(_Section):
+    endpoint: str = Field(
+        "tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint (tcp:// or ipc://)."
+    )
+    send_hwm: int = Field(
+        100, ge=1, description="Messages queued per subscriber before ZeroMQ drops new ones."
+    )
+    linger_ms: int = Field(0, ge=0, description="How long close() waits to flush queued messages.")
+    status_interval_s: float = Field(
+        2.0, gt=0, description="Period of the 'status' message that late subscribers catch up with."
+    )
+    curve: CurveConfig | None = Field(
+        None, description="ZeroMQ CURVE encryption and client authentication; unset publishes in the clear."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        if not v.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"endpoint must start with tcp://, ipc:// or inproc://, got {v!r}")
+        return v
+
+
+class MetricsConfig(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    address: str = Field(
+        "127.0.0.1:9108", description="host:port of the /metrics endpoint; port 0 picks a free one."
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"address must be host:port, got {v!r}")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+_TAG_KEY = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$"
+_CAMPAIGN_NAME = r"^[A-Za-z0-9_\-]+$"
+
+
+class CampaignRule(_Section):
+    """When a frame is worth keeping: a condition over the tags that are on."""
+
+    any_of: list[str] = Field(
+        default_factory=list, description="At least one of these 'group.label' tags is on (empty: no constraint)."
+    )
+    all_of: list[str] = Field(default_factory=list, description="Every one of these tags is on.")
+    none_of: list[str] = Field(default_factory=list, description="None of these tags is on.")
+    min_score: float = Field(
+        0.0, ge=0, le=1, description="any_of/all_of tags count only with at least this probability."
+    )
+    min_duration_s: float = Field(
+        0.0, ge=0, description="The condition must hold this long, continuously, before a capture."
+    )
+
+    @field_validator("any_of", "all_of", "none_of")
+    @classmethod
+    def _tag_keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not re.match(_TAG_KEY, key):
+                raise ValueError(f"tag {key!r} must be 'group.label'")
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "CampaignRule":
+        if not self.any_of and not self.all_of:
+            raise ValueError("a rule needs any_of or all_of (none_of alone would match almost every frame)")
+        return self
+
+    @property
+    def keys(self) -> set[str]:
+        return {*self.any_of, *self.all_of, *self.none_of}
+
+
+class CampaignConfig(_Section):
+    name: str = Field(pattern=_CAMPAIGN_NAME, description="Campaign name; also its directory in the store.")
+    rule: CampaignRule = Field(description="Which frames to keep.")
+    min_interval_s: float = Field(10.0, ge=0, description="At least this long between two triggers.")
+    max_per_hour: int = Field(60, ge=1, description="At most this many triggers in any rolling hour.")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of saved frames.")
+    max_width: int | None = Field(
+        None, gt=0, description="Downscale saved frames to at most this width; unset keeps the full frame."
+    )
+    frames_before: int = Field(0, ge=0, le=30, description="Processed frames before the trigger to keep too.")
+    frames_after: int = Field(0, ge=0, le=30, description="Processed frames after the trigger to keep too.")
+
+
+class StoreConfig(_Section):
+    directory: Path = Field(
+        Path("/var/lib/retrofit-agent/captures"), description="Where captures are saved (one folder per campaign)."
+    )
+    max_bytes: int = Field(2 * 1024**3, gt=0, description="Cap on the store's size; oldest captures go first.")
+    max_files: int = Field(20_000, gt=0, description="Cap on the number of saved frames (image + sidecar pairs).")
+    queue_size: int = Field(
+        64, ge=1, description="Frames waiting for the writer thread; beyond it captures are skipped and counted."
+    )
+    disk_full_retry_s: float = Field(
+        5.0, gt=0, description="While the disk is full, how often to try writing again."
+    )
+    rescan_interval_s: float = Field(
+        30.0, gt=0, description="How often the store re-reads its size from disk (an uploader deletes files)."
+    )
+
+
+class CollectConfig(_Section):
+    campaigns: list[CampaignConfig] = Field(default_factory=list, description="Tag-triggered image collection.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The on-disk capture store.")
+
+    @field_validator("campaigns")
+    @classmethod
+    def _unique(cls, v: list[CampaignConfig]) -> list[CampaignConfig]:
+        names = [c.name for c in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"campaign names must be unique, {sorted(dup)[0]!r} repeats")
+        return v
+
+
+class LogConfig(_Section):
+    format: Literal["json", "console"] = Field(
+        "json", description="'json' lines for journald, 'console' for humans."
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum log level.")
+
+
+class AgentConfig(_Section):
+    camera: CameraConfig = Field(default_factory=CameraConfig, description="Frame source.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model bundle and runtime.")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="Zero-shot tagging.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="ZeroMQ publishing.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    collect: CollectConfig = Field(default_factory=CollectConfig, description="Image collection campaigns.")
+    max_frames: int | None = Field(
+        None, gt=0, description="Stop after this many processed frames (demos, tests)."
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the config from file < environment < flags.
+
+    ``flags`` are dotted paths to values (``{"camera.source": "/dev/video2"}``); ``None``
+    values mean "flag not given" and are skipped.
+    """
+    environ = {} if environ is None else environ
+    if config_file is None and environ.get(ENV_CONFIG_FILE):
+        config_file = Path(environ[ENV_CONFIG_FILE])
+    data: dict[str, Any] = read_toml(config_file) if config_file is not None else {}
+    data = deep_merge(data, env_overrides(environ, ENV_PREFIX, skip=(ENV_CONFIG_FILE,)))
+    flag_tree: dict[str, Any] = {}
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            set_path(flag_tree, dotted.split("."), value, origin=f"--{dotted}")
+    data = deep_merge(data, flag_tree)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        origin = f"config ({config_file})" if config_file else "config"
+        raise ConfigError(format_validation_error(e, origin)) from None

@@ -1,8 +1,0 @@
-from retrofit_agent.schema import json_schema_text
-
-from conftest import REPO
-
-
-def test_committed_json_schema_is_current():
-    committed = (REPO / "deploy" / "messages.schema.json").read_text()
-    assert committed == json_schema_text(), "run: retrofit-agent schema --output deploy/messages.schema.json"

@@ -1,0 +1,84 @@
+"""Export parity, int8 quantization, node exclusion and the quality gate on a tiny student."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.train]
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from retrofit_agent.contract.bundle import TextBank  # noqa: E402
+from retrofit_agent.contract.preprocess import Preprocessor  # noqa: E402
+from retrofit_agent.contract.sample import read_clip_frames  # noqa: E402
+from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, parity, student_input_spec  # noqa: E402
+from retrofit_agent.train.gate import QualityGateError, compare, enforce  # noqa: E402
+from retrofit_agent.train.quantize import QuantSettings, nodes_matching, quantize_int8, to_ort_format  # noqa: E402
+from retrofit_agent.train.student import Student  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, clip):
+    torch.manual_seed(0)
+    student = Student("test_efficientnet", embed_dim=64, hidden_dim=128, input_size=96).eval()
+    d = tmp_path_factory.mktemp("tiny")
+    spec = student_input_spec(student)
+    export_onnx(student, d / "fp32.onnx", {"retrofit.teacher": "test"})
+    frames = read_clip_frames(clip)
+    pre = Preprocessor(spec)
+    rng = np.random.default_rng(0)
+    bank_emb = rng.normal(size=(12, 64)).astype(np.float32)
+    bank_emb /= np.linalg.norm(bank_emb, axis=1, keepdims=True)
+    bank = TextBank(bank_emb, tuple("abc"[i // 4] for i in range(12)), tuple(f"l{i}" for i in range(12)), "t", "f" * 16)
+    return {"student": student, "dir": d, "spec": spec, "frames": frames, "pre": pre, "bank": bank}
+
+
+def test_export_parity_and_metadata(tiny):
+    diff = parity(tiny["student"], tiny["dir"] / "fp32.onnx", tiny["frames"][:6], tiny["spec"])
+    assert diff <= 1e-4
+    m = onnx.load(str(tiny["dir"] / "fp32.onnx"))
+    assert m.opset_import[0].version >= 17
+    assert {p.key for p in m.metadata_props} == {"retrofit.teacher"}
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_int8_passes_the_gate_and_exclusion_is_applied(tiny):
+    d, pre = tiny["dir"], tiny["pre"]
+    calib = [pre(f) for f in tiny["frames"][0::2]]
+    held = pre.batch(tiny["frames"][1::2])
+    settings = QuantSettings(exclude=("first_conv", "head"))
+    quantize_int8(d / "fp32.onnx", d / "int8.onnx", INPUT_NAME, calib, settings)
+    excluded = nodes_matching(d / "fp32.onnx", settings.exclude)
+    assert any("conv_stem" in n for n in excluded) and any(n.startswith("/head/") for n in excluded)
+    q = onnx.load(str(d / "int8.onnx"))
+    quantized_inputs = {i for n in q.graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+    stem = [n for n in q.graph.node if n.op_type == "Conv" and "conv_stem" in n.name]
+    assert stem and not any(i in quantized_inputs for i in stem[0].input[1:2]), "the stem's weights stay float"
+    report = compare(d / "fp32.onnx", d / "int8.onnx", held, tiny["bank"], (INPUT_NAME, OUTPUT_NAME))
+    assert report.passed, report.line()
+    enforce(report, 0.98, 0.95, force=False)
+    assert to_ort_format(d / "int8.onnx").stat().st_size > 0
+
+
+def test_gate_refuses_a_broken_quantization(tiny):
+    d, pre = tiny["dir"], tiny["pre"]
+    held = pre.batch(tiny["frames"][1::2])
+    quantize_int8(d / "fp32.onnx", d / "good.onnx", INPUT_NAME, [pre(f) for f in tiny["frames"][0::2]], QuantSettings())
+    m = onnx.load(str(d / "good.onnx"))
+    # Corrupt the weight scales (what a broken calibration or a bit flip in a bundle does):
+    # every weight DequantizeLinear gets per-channel scales off by random factors of 0.1-10.
+    inits = {i.name: i for i in m.graph.initializer}
+    rng = np.random.default_rng(0)
+    for node in m.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[1] in inits:
+            init = inits[node.input[1]]
+            scale = onnx.numpy_helper.to_array(init)
+            scale = (scale * 10.0 ** rng.uniform(-1, 1, size=scale.shape)).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(scale, init.name))
+    onnx.save(m, str(d / "broken.onnx"))
+    report = compare(d / "fp32.onnx", d / "broken.onnx", held, tiny["bank"], (INPUT_NAME, OUTPUT_NAME))
+    assert not report.passed, report.line()
+    with pytest.raises(QualityGateError, match="quality gate refused the int8 model: .*--force"):
+        enforce(report, 0.98, 0.95, force=False)
+    enforce(report, 0.98, 0.95, force=True)  # forced: written anyway
