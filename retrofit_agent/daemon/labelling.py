@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrofit_agent.contract.bundle import BankSpec, TextBank
+from retrofit_agent.contract.zeroshot import group_softmax, zero_shot_logits
 from retrofit_agent.daemon.config import LabelsConfig
 from retrofit_agent.contract.errors import ConfigError
 
@@ -72,14 +73,13 @@ class ZeroShotLabeler:
         return self._keys
 
     def probabilities(self, embedding: np.ndarray) -> np.ndarray:
-        """Per-label probability, softmax-normalised within each group (stateless)."""
-        logits = self._scale * (self._emb @ embedding.astype(np.float32, copy=False))
-        probs = np.empty_like(logits)
-        for _, idx in self._groups:
-            z = logits[idx]
-            z = np.exp(z - z.max())
-            probs[idx] = z / z.sum()
-        return probs
+        """Per-label probability, softmax-normalised within each group (stateless).
+
+        The definition is shared with training (``contract.zeroshot``), so the student is
+        distilled on exactly the distributions the camera reports.
+        """
+        logits = zero_shot_logits(embedding, self._emb, self._scale)
+        return group_softmax(logits, [idx for _, idx in self._groups])
 
     def reset(self) -> None:
         self._probs = None
