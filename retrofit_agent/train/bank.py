@@ -19,7 +19,7 @@ def encode_prompt_set(teacher: Teacher, prompts: PromptSet, batch_size: int = 25
             texts = prompts.prompts(g, lab)
             emb = torch.cat([teacher.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
             mean = torch.nn.functional.normalize(emb.mean(dim=0), dim=-1)
-            rows.append(mean.numpy().astype(np.float32))
+            rows.append(mean.cpu().numpy().astype(np.float32))  # .cpu(): the teacher may be on a GPU
             groups.append(g.name)
             labels.append(lab.name)
     return np.stack(rows), groups, labels

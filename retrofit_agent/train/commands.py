@@ -14,9 +14,54 @@ from pathlib import Path
 
 import numpy as np
 
-from retrofit_agent.contract.errors import ConfigError
+import structlog
+
+from retrofit_agent.contract.errors import ConfigError, RetrofitError
 from retrofit_agent.contract.images import find_images
 
+log = structlog.get_logger("retrofit_model")
+
+
+def existing_file(text: str) -> Path:
+    """argparse type: a file that exists (a usage error, one line, before any heavy import)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{'is a directory' if path.is_dir() else 'no such file'}: {text}")
+    return path
+
+
+def existing_dir(text: str) -> Path:
+    """argparse type: a directory that exists."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{'not a directory' if path.exists() else 'no such directory'}: {text}")
+    return path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return value
+
+
+def _stage(command: str, stage: str, **context: object) -> None:
+    """One progress line on stderr per stage of a command that takes more than a few seconds."""
+    log.info(f"{command}_stage", stage=stage, **context)
+
+
+def _onnx_metadata(path: Path, flag: str) -> dict[str, str]:
+    from retrofit_agent.train.assemble import read_metadata  # needs onnx: the train extra
+
+    try:
+        return read_metadata(path)
+    except RetrofitError:
+        raise
+    except Exception as e:  # protobuf's DecodeError and kin: whatever it is, it is not an ONNX model
+        raise ConfigError(f"{flag}: {path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
 def _images(folder: Path, count: int | None, what: str) -> list[np.ndarray]:
@@ -36,14 +81,19 @@ def _images(folder: Path, count: int | None, what: str) -> list[np.ndarray]:
 
 def load_student(path: Path):
     """The Student saved by ``retrofit-model distill`` (``<run>/student.pt``), ready for export."""
+    import pickle
+
     import torch
 
     from retrofit_agent.train.student import Student
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
-        raise ConfigError(f"--checkpoint: cannot load {path}: {e}") from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--checkpoint: cannot load {path} ({reason}); is it a student.pt from a distill run?") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
     arch, state = saved.get("architecture"), saved.get("student")
     if not isinstance(arch, dict) or not isinstance(state, dict):
         raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
@@ -58,15 +108,74 @@ def _pretrained(tag: str | None) -> str | None:
 
 
 def _teacher_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", default="ViT-L-14", help="open_clip model name")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint path, or none")
+    p.add_argument("--teacher", default="ViT-L-14", help="open_clip model name (default: %(default)s)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag (downloaded once), local checkpoint path, or none (default: %(default)s)")
     p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (``$HF_ENDPOINT``) cannot be reached, or None when it can."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{host} unreachable: {e.strerror or e}"
+    return None
+
+
+def load_teacher(model: str, pretrained: str | None, seed: int | None = None):
+    """The frozen teacher of --teacher/--pretrained/--seed, or a ConfigError saying why not.
+
+    A published tag needs its weights downloaded once. Offline, asking the hub anyway costs
+    five retries and a hundred log lines; so reachability is checked first (3 s at most),
+    and offline only the local cache is tried.
+    """
+    import logging
+    import os
+    import sys
+
+    tag = _pretrained(pretrained)
+    offline = None
+    if tag is not None and not Path(tag).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0"):
+        offline = hub_unreachable()
+        if offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub at import time…
+            constants = sys.modules.get("huggingface_hub.constants")
+            if constants is not None:  # …and at call time, if it was already imported
+                constants.HF_HUB_OFFLINE = True
+    from retrofit_agent.train.teacher import Teacher  # torch, open_clip: the train extra
+
+    if offline:
+        logging.disable(logging.ERROR)  # open_clip logs the failed download; the line below says it better
+    try:
+        return Teacher(model, pretrained=tag, seed=seed)
+    except (RuntimeError, ValueError, OSError) as e:  # open_clip: unknown model or tag, download or load failure
+        if offline:
+            raise ConfigError(
+                f"--pretrained {tag}: cannot download the {model} weights ({offline}) and they are not in the "
+                "local cache; give a local checkpoint instead (--pretrained /path/to/open_clip_pytorch_model.bin) "
+                "or run once where the internet is reachable"
+            ) from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if " Available: " in reason:  # open_clip lists every model it knows
+            reason = reason.split(" Available: ")[0] + " (open_clip.list_models() lists them)"
+        raise ConfigError(f"--teacher {model} --pretrained {pretrained}: {reason}") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from retrofit_agent.train.export import export_onnx, onnx_metadata, parity, student_input_spec
 
+    _stage("export", "loading the student", checkpoint=str(a.checkpoint))
     student, saved = load_student(a.checkpoint)
+    frames = _images(a.images, 16, "--images")  # before minutes of export, not after
     teacher, fingerprint = saved.get("teacher"), saved.get("fingerprint")
     if not teacher or not fingerprint:
         raise ConfigError(f"--checkpoint: {a.checkpoint} names no teacher identity and fingerprint")
@@ -74,8 +183,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     meta = onnx_metadata(spec, student.embed_dim, teacher, fingerprint, a.version, f"{student.backbone_name}+mlp")
     # Trained only when distilled (steps > 0) from a pretrained teacher: a seeded teacher teaches nothing.
     meta["retrofit.trained"] = str(bool(saved.get("trained_from_pretrained_teacher")) and saved.get("steps", 0) > 0).lower()
+    _stage("export", "writing ONNX and running onnx.checker", out=str(a.out))
     export_onnx(student, a.out, meta)
-    diff = parity(student, a.out, _images(a.images, 16, "--images"), spec)
+    _stage("export", "parity check torch vs onnxruntime", images=str(a.images))
+    diff = parity(student, a.out, frames, spec)
     print(f"exported {a.out}; parity torch vs onnxruntime fp32 on real images: max |diff| {diff:.2e} (limit 1e-4)")
     if diff > 1e-4:
         raise ConfigError(f"parity check failed: max |diff| {diff:.2e} > 1e-4")
@@ -84,10 +195,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="student checkpoint → ONNX fp32 with metadata and a parity check")
-    p.add_argument("--checkpoint", type=Path, required=True, help="student.pt from a distill run directory")
-    p.add_argument("--images", type=Path, required=True, help="folder of real images for the parity check")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--checkpoint", type=existing_file, required=True, help="student.pt from a distill run directory")
+    p.add_argument("--images", type=existing_dir, required=True, help="folder of real images for the parity check")
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write, e.g. build/student.fp32.onnx")
+    p.add_argument("--version", default="0.1.0", help="model version recorded in the metadata (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
 
@@ -97,11 +208,10 @@ def add_export(sub) -> None:
 def cmd_quantize(a: argparse.Namespace) -> int:
     from retrofit_agent.contract.bundle import InputSpec, load_bank
     from retrofit_agent.contract.preprocess import Preprocessor
-    from retrofit_agent.train.assemble import read_metadata
     from retrofit_agent.train.gate import compare, enforce
     from retrofit_agent.train.quantize import QuantSettings, quantize_int8, to_ort_format
 
-    meta = read_metadata(a.fp32)
+    meta = _onnx_metadata(a.fp32, "--fp32")
     spec = InputSpec.model_validate(json.loads(meta["retrofit.input_spec"]))
     pre = Preprocessor(spec)
     calib = [pre(f) for f in _images(a.calibration, a.count, "--calibration")]
@@ -124,21 +234,25 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="static int8 QDQ quantization with a quality gate")
-    p.add_argument("--fp32", type=Path, required=True, help="ONNX model from 'export'")
-    p.add_argument("--calibration", type=Path, required=True, help="folder of calibration images")
-    p.add_argument("--count", type=int, default=256, help="calibration images to use")
-    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--fp32", type=existing_file, required=True, help="ONNX model from 'export'")
+    p.add_argument("--calibration", type=existing_dir, required=True, help="folder of calibration images")
+    p.add_argument("--count", type=positive_int, default=256, help="calibration images to use (default: %(default)s)")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="calibration method (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--exclude", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="keep in float: comma list of first_conv, se, head and/or node-name regexes")
-    p.add_argument("--held-out", type=Path, required=True, help="folder of held-out images for the gate")
-    p.add_argument("--held-out-count", type=int, default=200)
-    p.add_argument("--bank", type=Path, required=True, help="prompt bank for the zero-shot agreement")
-    p.add_argument("--min-cosine", type=float, default=0.98)
-    p.add_argument("--min-agreement", type=float, default=0.95)
+    p.add_argument("--held-out", type=existing_dir, required=True, help="folder of held-out images for the gate")
+    p.add_argument("--held-out-count", type=positive_int, default=200,
+                   help="held-out images to compare (default: %(default)s)")
+    p.add_argument("--bank", type=existing_file, required=True, help="prompt bank for the zero-shot agreement")
+    p.add_argument("--min-cosine", type=float, default=0.98,
+                   help="gate: least mean int8↔fp32 embedding cosine (default: %(default)s)")
+    p.add_argument("--min-agreement", type=float, default=0.95,
+                   help="gate: least zero-shot top-1 agreement int8 vs fp32 (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="write the model even below the gate's thresholds")
     p.add_argument("--ort", action="store_true", help="also write the .ort format for minimal onnxruntime builds")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="int8 ONNX file to write, e.g. build/student.int8.onnx")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -147,11 +261,11 @@ def add_quantize(sub) -> None:
 
 def cmd_prompts(a: argparse.Namespace) -> int:
     from retrofit_agent.contract.prompts import load_prompts
-    from retrofit_agent.train.bank import write_bank
-    from retrofit_agent.train.teacher import Teacher
 
     prompts = load_prompts(a.prompts)
-    teacher = Teacher(a.teacher, pretrained=_pretrained(a.pretrained), seed=a.seed)
+    teacher = load_teacher(a.teacher, a.pretrained, a.seed)  # first: it checks the hub before torch loads
+    from retrofit_agent.train.bank import write_bank
+
     write_bank(a.out, teacher, prompts)
     n = sum(len(g.labels) for g in prompts.groups)
     print(f"wrote {a.out}: {n} labels from {teacher.identity} (fingerprint {teacher.fingerprint()})")
@@ -160,19 +274,23 @@ def cmd_prompts(a: argparse.Namespace) -> int:
 
 def add_prompts(sub) -> None:
     p = sub.add_parser("prompts", help="prompts file → text-embedding bank with the teacher's text tower")
-    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--prompts", type=existing_file, required=True,
+                   help="prompts file (TOML), e.g. models/prompts/automotive.toml")
     _teacher_arguments(p)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="bank file to write (.npz)")
     p.set_defaults(func=cmd_prompts)
 
 
 def cmd_bundle(a: argparse.Namespace) -> int:
-    from retrofit_agent.contract.bundle import Quantization
+    from retrofit_agent.contract.bundle import Quantization, load_bank
     from retrofit_agent.contract.prompts import load_prompts
     from retrofit_agent.train.assemble import assemble_bundle
 
+    prompts = load_prompts(a.prompts)
+    load_bank(a.bank)  # refuse a broken bank or model with one line before copying anything
+    _onnx_metadata(a.model, "--model")
     quant = Quantization(mode=a.quantization, per_channel=a.quantization != "none", calibration=a.calibration_note)
-    assemble_bundle(a.out, a.model, a.bank, load_prompts(a.prompts), name=a.name, version=a.version,
+    assemble_bundle(a.out, a.model, a.bank, prompts, name=a.name, version=a.version,
                     trained=False if a.untrained else None, notice=a.notice, quantization=quant)
     print(f"bundle {a.out} verified")
     return 0
@@ -180,17 +298,18 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
 def add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="model + bank + prompts → a verified bundle directory")
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--bank", type=Path, required=True)
-    p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
-    p.add_argument("--quantization", choices=("int8_static_qdq", "none"), default="int8_static_qdq")
+    p.add_argument("--model", type=existing_file, required=True, help="ONNX model (from 'quantize' or 'export')")
+    p.add_argument("--bank", type=existing_file, required=True, help="text bank (from 'prompts')")
+    p.add_argument("--prompts", type=existing_file, required=True, help="the prompts file the bank was built from")
+    p.add_argument("--name", required=True, help="bundle name, e.g. clip4retrofit-b3")
+    p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
+    p.add_argument("--quantization", choices=("int8_static_qdq", "none"), default="int8_static_qdq",
+                   help="how the model was quantized, for the manifest (default: %(default)s)")
     p.add_argument("--calibration-note", default=None, help="how the model was calibrated (for the manifest)")
     p.add_argument("--untrained", action="store_true",
                    help="mark the weights as not trained (default: what the exporter recorded)")
-    p.add_argument("--notice", default="")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--notice", default="", help="caveats for the manifest, logged by the daemon at start-up")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.set_defaults(func=cmd_bundle)
 
 
@@ -198,15 +317,16 @@ def add_bundle(sub) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    if not a.imagefolder and not a.multilabel:
+        raise ConfigError("nothing to evaluate: give --imagefolder (zero-shot accuracy) and/or --multilabel (AUROC)")
     import torch
 
     from retrofit_agent.contract.bundle import load_bundle
     from retrofit_agent.train import evaluate as ev
-    from retrofit_agent.train.teacher import Teacher
 
     bundle = load_bundle(a.bundle)
     spec = bundle.manifest.model
-    teacher = Teacher(a.teacher, pretrained=_pretrained(a.pretrained), seed=a.seed)
+    teacher = load_teacher(a.teacher, a.pretrained, a.seed)
     if teacher.fingerprint() != bundle.manifest.embedding_space.fingerprint:
         raise ConfigError(f"--teacher {teacher.identity} is not the teacher of {a.bundle} "
                           f"({bundle.manifest.embedding_space.teacher})")
@@ -214,7 +334,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     def teacher_encode(frames):
         with torch.no_grad():
-            return teacher.encode_image(torch.from_numpy(tpre.batch(frames))).numpy()
+            return teacher.encode_image(torch.from_numpy(tpre.batch(frames)).to(teacher.device)).cpu().numpy()
 
     encoders = {"teacher": teacher_encode,
                 "student_int8": ev.onnx_encoder(bundle.model_path, spec.input, spec.input.name, spec.output.name)}
@@ -224,7 +344,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     template = a.template
     if a.imagefolder:
         paths, targets, classes = ev.image_folder(a.imagefolder)
-        text = teacher.encode_text([template.format(c.replace("_", " ")) for c in classes]).numpy()
+        text = teacher.encode_text([template.format(c.replace("_", " ")) for c in classes]).cpu().numpy()
         emb = {m: ev.encode_paths(paths, enc) for m, enc in encoders.items()}
         result = ev.evaluate_single_label(emb, text, targets)
         (a.out / "single_label.json").write_text(json.dumps(result, indent=2))
@@ -234,7 +354,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         index = ev.read_index(a.multilabel)
         classes = a.classes or sorted({c for r in index for c in r["labels"]})
         labels = np.array([[c in r["labels"] for c in classes] for r in index], dtype=bool)
-        text = teacher.encode_text([template.format(c) for c in classes]).numpy()
+        text = teacher.encode_text([template.format(c) for c in classes]).cpu().numpy()
         emb = {m: ev.encode_paths([Path(r["image"]) for r in index], enc) for m, enc in encoders.items()}
         rows = ev.evaluate_multi_label(emb, text, labels, classes)
         (a.out / "multi_label.json").write_text(json.dumps(
@@ -257,14 +377,14 @@ def _teacher_preprocess(teacher):
 
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="zero-shot accuracy (ImageFolder) and per-class AUROC (multi-label index)")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--fp32", type=Path, help="the student's fp32 ONNX, to report it beside int8")
+    p.add_argument("--bundle", type=existing_dir, required=True, help="bundle directory to evaluate")
+    p.add_argument("--fp32", type=existing_file, help="the student's fp32 ONNX, to report it beside int8")
     _teacher_arguments(p)
-    p.add_argument("--imagefolder", type=Path, help="single-label ImageFolder root")
-    p.add_argument("--multilabel", type=Path, help="JSON-lines index (e.g. from cityscapes-index)")
+    p.add_argument("--imagefolder", type=existing_dir, help="single-label ImageFolder root")
+    p.add_argument("--multilabel", type=existing_file, help="JSON-lines index (e.g. from cityscapes-index)")
     p.add_argument("--classes", nargs="*", help="classes to score (default: all in the index)")
-    p.add_argument("--template", default="a photo of a {}.")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--template", default="a photo of a {}.", help="text prompt per class (default: %(default)r)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON, table and chart")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -281,26 +401,74 @@ def cmd_cityscapes(a: argparse.Namespace) -> int:
 
 def add_cityscapes(sub) -> None:
     p = sub.add_parser("cityscapes-index", help="Cityscapes gtFine labelIds → multi-label image index")
-    p.add_argument("--root", type=Path, required=True)
-    p.add_argument("--split", default="val")
-    p.add_argument("--min-pixels", type=int, default=1)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--root", type=existing_dir, required=True, help="Cityscapes root (with gtFine/ and leftImg8bit/)")
+    p.add_argument("--split", default="val", help="train, val or test (default: %(default)s)")
+    p.add_argument("--min-pixels", type=positive_int, default=1,
+                   help="a class counts as present from this many pixels (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="JSON-lines index to write")
     p.set_defaults(func=cmd_cityscapes)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from retrofit_agent.train.bench import run_model_bench
+    """``bench.run_model_bench``, stage by stage with a progress line each (it runs for minutes)."""
+    import tempfile
 
-    run_model_bench(a.teacher, a.bundle, a.runs, a.teacher_runs)
+    import torch
+
+    from retrofit_agent.contract.bundle import load_bundle
+    from retrofit_agent.train.bench import bench, export_teacher_image_tower, print_report
+    from retrofit_agent.train.export import export_onnx
+    from retrofit_agent.train.student import Student
+
+    b = load_bundle(a.bundle)
+    _known_teacher(a.teacher)  # before minutes of export, not after
+    h, w = b.manifest.model.input.height, b.manifest.model.input.width
+    arch = b.manifest.model.architecture.split("+")[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_dir = Path(tmp)
+        _stage("bench", "exporting the student fp32 (seeded, same architecture)", architecture=arch)
+        torch.manual_seed(0)
+        student = Student(arch if arch != "unknown" else "efficientnet_b3",
+                          embed_dim=b.manifest.model.output.embedding_dim, input_size=h).eval()
+        export_onnx(student, tmp_dir / "student.fp32.onnx", {})
+        del student
+        _stage("bench", "exporting the teacher image tower (seeded: latency and size depend on the architecture)",
+               teacher=a.teacher)
+        teacher = load_teacher(a.teacher, None, seed=0)
+        size = teacher.image_size
+        export_teacher_image_tower(teacher, tmp_dir / "teacher.onnx")
+        del teacher
+        models = {
+            "teacher fp32": (tmp_dir / "teacher.onnx", (1, 3, size, size), a.teacher_runs),
+            "student fp32": (tmp_dir / "student.fp32.onnx", (1, 3, h, w), a.runs),
+            "student int8": (b.model_path, (1, 3, h, w), a.runs),
+        }
+        for name, model in models.items():
+            _stage("bench", f"timing {name}", runs=model[2])
+            rows += bench({name: model})
+    print_report(rows, a.teacher)
     return 0
+
+
+def _known_teacher(name: str) -> None:
+    import open_clip
+
+    from retrofit_agent.train.teacher import register_local_configs
+
+    register_local_configs()
+    if name not in open_clip.list_models():
+        raise ConfigError(f"--teacher: unknown open_clip model {name!r} (open_clip.list_models() lists them)")
 
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency and size: teacher image tower vs student fp32 vs int8")
-    p.add_argument("--teacher", default="ViT-L-14")
-    p.add_argument("--bundle", type=Path, default=Path("models/reference"))
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--teacher-runs", type=int, default=8)
+    p.add_argument("--teacher", default="ViT-L-14", help="open_clip model whose image tower is timed (default: %(default)s)")
+    p.add_argument("--bundle", type=existing_dir, default=Path("models/reference"),
+                   help="bundle whose int8 model is timed (default: %(default)s)")
+    p.add_argument("--runs", type=positive_int, default=20, help="timed runs per student model (default: %(default)s)")
+    p.add_argument("--teacher-runs", type=positive_int, default=8,
+                   help="timed runs of the teacher's image tower (default: %(default)s)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -67,6 +67,6 @@ def parity(student: Student, onnx_path: Path, frames: list[np.ndarray], spec: In
     """Max |torch − onnxruntime fp32| over the normalised embeddings of real frames."""
     x = Preprocessor(spec).batch(frames)
     with torch.no_grad():
-        ref = student.eval()(torch.from_numpy(x)).numpy()
+        ref = student.eval()(torch.from_numpy(x).to(next(student.parameters()).device)).cpu().numpy()
     out = open_session(onnx_path, 0).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     return float(np.abs(ref - out).max())
