@@ -1,19 +1,37 @@
-"""The frozen CLIP teacher (open_clip): image embeddings, text tower, identity."""
+"""The frozen CLIP teacher (open_clip): image embeddings, text tower, internals, identity."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import open_clip
 import torch
 from torch import nn
 
 from retrofit_agent.contract.bundle import InputSpec
+from retrofit_agent.contract.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+# open_clip made its transformers batch-first in 2.26 (mlfoundations/open_clip#906); before,
+# blocks ran sequence-first (L, N, D) and the hooks below would read tokens as images.
+OPEN_CLIP_FLOOR = (2, 26)
 _registered = False
+
+
+def check_open_clip(version: str | None = None) -> None:
+    """Refuse an open_clip older than :data:`OPEN_CLIP_FLOOR` with one line."""
+    version = version if version is not None else getattr(open_clip, "__version__", "0")
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < OPEN_CLIP_FLOOR:
+        floor = ".".join(map(str, OPEN_CLIP_FLOOR))
+        raise ConfigError(
+            f"open_clip_torch {version} is older than {floor} (its transformer runs sequence-first, which the teacher "
+            f"hooks do not read); pip install 'open_clip_torch>={floor}'"
+        )
 
 
 def register_local_configs() -> None:
@@ -33,6 +51,7 @@ class Teacher(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None = None, seed: int | None = None) -> None:
         super().__init__()
+        check_open_clip()
         register_local_configs()
         if seed is not None:
             torch.manual_seed(seed)
@@ -45,6 +64,7 @@ class Teacher(nn.Module):
         self.image_size: int = int(pp.get("size", 224)) if isinstance(pp.get("size", 224), int) else int(pp["size"][0])
         self.mean: tuple[float, float, float] = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std: tuple[float, float, float] = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        self._weights_sha256: str | None = None
 
     def train(self, mode: bool = True) -> "Teacher":  # the teacher never trains
         return super().train(False)
@@ -74,6 +94,21 @@ class Teacher(nn.Module):
                 h.update(name.encode())
                 h.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def weights_sha256(self) -> str:
+        """sha256 of every weight (name, dtype, shape, bytes): what the teacher cache is keyed on.
+
+        The fingerprint covers the projections only; two checkpoints of one model can share
+        them and still map images differently.
+        """
+        if self._weights_sha256 is None:
+            h = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                t = tensor.detach().cpu().contiguous().reshape(-1)
+                h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes())  # raw bytes: any dtype, bf16 included
+            self._weights_sha256 = h.hexdigest()
+        return self._weights_sha256
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -116,61 +151,123 @@ class Teacher(nn.Module):
         return int(self._blocks()[0].attn.num_heads)
 
     def _blocks(self) -> nn.ModuleList:
-        blocks = getattr(getattr(getattr(self.model, "visual", None), "transformer", None), "resblocks", None)
-        if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "in_proj_weight"):
-            raise ValueError(
-                f"teacher {self.model_name!r} is not a ViT with standard attention blocks; "
-                "the PCA/GL projectors need one (use the embedding and affinity losses only)"
+        transformer = getattr(getattr(self.model, "visual", None), "transformer", None)
+        blocks = getattr(transformer, "resblocks", None)
+        if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0], "ln_1"):
+            raise ConfigError(
+                f"teacher {self.model_name!r} is not a ViT with open_clip attention blocks; the PCA/GL losses need one "
+                "(set loss.pca_attention, loss.pca_value and loss.gl to 0 to use the embedding and affinity losses only)"
             )
+        if not hasattr(transformer, "batch_first"):
+            raise ConfigError(f"teacher {self.model_name!r}: its transformer does not say whether it runs batch-first; "
+                              "upgrade open_clip_torch")
         return blocks
 
+    def check_spatial(self, layers: Sequence[int], need_qk: bool) -> None:
+        """Refuse (one line) block indices out of range and blocks whose Q/K the hooks cannot reproduce.
+
+        The hooks capture a block's ``ln_1`` output and recompute Q, K, V with its own
+        in-projection. Blocks that transform Q/K further — QK-norm (``attn.ln_q``/``ln_k``)
+        or scaled cosine attention (``attn.logit_scale``) — would give other numbers.
+        """
+        blocks = self._blocks()
+        for layer in layers:
+            if not -len(blocks) <= layer < len(blocks):
+                raise ConfigError(f"teacher.layer: {layer} is outside the teacher's {len(blocks)} blocks")
+            if not need_qk:
+                continue
+            attn = blocks[layer].attn
+            reason = None
+            if getattr(attn, "in_proj_weight", None) is None:
+                reason = "has no packed in-projection (separate Q/K/V weights)"
+            elif not isinstance(getattr(attn, "ln_q", nn.Identity()), nn.Identity) or not isinstance(
+                    getattr(attn, "ln_k", nn.Identity()), nn.Identity):
+                reason = "uses QK-norm"
+            elif getattr(attn, "logit_scale", None) is not None:
+                reason = "uses scaled cosine attention"
+            if reason:
+                raise ConfigError(
+                    f"teacher {self.model_name!r} block {layer} {reason}: the hooks cannot reproduce its Q/K; use "
+                    "another teacher or set loss.pca_attention and loss.pca_value to 0"
+                )
+
     @torch.no_grad()
-    def forward_features(self, images: torch.Tensor, layer: int = -1) -> "TeacherFeatures":
-        """Embedding plus one block's patch tokens and per-head Q/K/V, through forward hooks.
+    def forward_features(self, images: torch.Tensor, layers: int | Sequence[int] = -1, qkv: bool = True) -> "TeacherFeatures":
+        """Embedding plus, for each block in ``layers``, its patch tokens and per-head Q/K/V, through forward hooks.
 
         open_clip calls ``nn.MultiheadAttention`` with ``need_weights=False``, so the
         attention map is not observable as an output. We capture the block's attention
         input (``ln_1``'s output) instead and recompute Q, K, V with the block's own
-        in-projection: the same numbers the block used.
+        in-projection: the same numbers the block used (:meth:`check_spatial` refuses
+        blocks where they are not).
         """
-        block = self._blocks()[layer]
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [
-            block.ln_1.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", o)),
-            block.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o)),
-        ]
+        layers = (layers,) if isinstance(layers, int) else tuple(layers)
+        blocks = self._blocks()
+        seen: dict[tuple[str, int], torch.Tensor] = {}
+        hooks = []
+        for i, layer in enumerate(layers):
+            block = blocks[layer]
+            hooks.append(block.ln_1.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("attn_in", i), out)))
+            hooks.append(block.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("tokens", i), out)))
         try:
             embedding = nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
         finally:
             for h in hooks:
                 h.remove()
-        batch_first = getattr(self.model.visual.transformer, "batch_first", True)
-        tokens, attn_in = seen["tokens"], seen["attn_in"]
-        if not batch_first:
-            tokens, attn_in = tokens.transpose(0, 1), attn_in.transpose(0, 1)
-        attn = block.attn
-        q, k, v = nn.functional.linear(attn_in, attn.in_proj_weight, attn.in_proj_bias).float().chunk(3, dim=-1)
-        return TeacherFeatures(
-            embedding=embedding, tokens=tokens.float(), q=_heads(q, attn.num_heads), k=_heads(k, attn.num_heads),
-            v=_heads(v, attn.num_heads), grid=self.grid_size,
-        )
+        seq_first = not self.model.visual.transformer.batch_first
+        out = []
+        for i, layer in enumerate(layers):
+            tokens, attn_in = seen[("tokens", i)], seen[("attn_in", i)]
+            if seq_first:
+                tokens, attn_in = tokens.transpose(0, 1), attn_in.transpose(0, 1)
+            q = k = v = None
+            if qkv:
+                attn = blocks[layer].attn
+                q, k, v = (_heads(t, attn.num_heads) for t in
+                           nn.functional.linear(attn_in, attn.in_proj_weight, attn.in_proj_bias).float().chunk(3, dim=-1))
+            out.append(LayerFeatures(tokens=tokens.float(), q=q, k=k, v=v))
+        return TeacherFeatures(embedding=embedding, layers=tuple(out), grid=self.grid_size)
 
 
-@dataclass
+@dataclass(frozen=True)
+class LayerFeatures:
+    """One block's outputs. Token tensors may keep the class token first (live) or not (cached)."""
+
+    tokens: torch.Tensor  # (B, [1 +] h*w, width): the block's output
+    q: torch.Tensor | None = None  # (B, heads, [1 +] h*w, head_dim)
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class TeacherFeatures:
-    """What the projectors align to. Token tensors keep the class token at index 0."""
+    """What the projectors align to: the embedding and one :class:`LayerFeatures` per block."""
 
     embedding: torch.Tensor  # (B, D) L2-normalised
-    tokens: torch.Tensor  # (B, 1 + h*w, width): the block's output
-    q: torch.Tensor  # (B, heads, 1 + h*w, head_dim)
-    k: torch.Tensor
-    v: torch.Tensor
+    layers: tuple[LayerFeatures, ...]
     grid: tuple[int, int]
 
     def patch(self, t: torch.Tensor) -> torch.Tensor:
         """Drop the class token: the student's feature map has no counterpart for it."""
         n = self.grid[0] * self.grid[1]
         return t[..., t.shape[-2] - n :, :]
+
+    # One-layer conveniences (the first configured block).
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.layers[0].tokens
+
+    @property
+    def q(self) -> torch.Tensor | None:
+        return self.layers[0].q
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return self.layers[0].k
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self.layers[0].v
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

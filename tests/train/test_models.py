@@ -31,10 +31,11 @@ def test_teacher_stays_frozen_in_eval_mode(teacher: Teacher):
 
 def test_teacher_hooks_capture_the_tokens_that_make_the_embedding(teacher: Teacher):
     x = torch.randn(3, 3, 32, 32)
-    f = teacher.forward_features(x, layer=-1)
-    assert f.grid == (8, 8) and f.tokens.shape == (3, 1 + 64, teacher.width)
+    f = teacher.forward_features(x, layers=-1)
+    assert f.grid == (8, 8) and f.tokens.shape == (3, 1 + 64, teacher.width) and len(f.layers) == 1
     assert f.q.shape == (3, teacher.num_heads, 65, teacher.width // teacher.num_heads)
     assert f.patch(f.tokens).shape == (3, 64, teacher.width)  # class token dropped
+    assert f.patch(f.patch(f.tokens)).shape == (3, 64, teacher.width)  # idempotent (cached tokens have none)
     assert f.patch(f.q).shape[-2] == 64
     # The last block's class token, through ln_post and the projection, is the embedding.
     v = teacher.model.visual
@@ -44,10 +45,65 @@ def test_teacher_hooks_capture_the_tokens_that_make_the_embedding(teacher: Teach
     block = v.transformer.resblocks[-1]
     attn = torch.softmax(f.q @ f.k.transpose(-2, -1) / f.q.shape[-1] ** 0.5, -1) @ f.v
     mixed = block.attn.out_proj(attn.transpose(1, 2).reshape(3, 65, -1))
-    prev = teacher.forward_features(x, layer=-2).tokens
-    after_attn = prev + mixed
+    both = teacher.forward_features(x, layers=[-1, -2])  # several blocks from one pass
+    assert torch.equal(both.layers[0].tokens, f.tokens)
+    after_attn = both.layers[1].tokens + mixed
     torch.testing.assert_close(after_attn + block.mlp(block.ln_2(after_attn)), f.tokens, atol=1e-4, rtol=1e-4)
-    assert not teacher.model.visual.transformer.resblocks[-1]._forward_hooks  # hooks are removed
+    assert not block._forward_hooks and not block.ln_1._forward_hooks  # hooks are removed
+    tokens_only = teacher.forward_features(x, layers=[-2], qkv=False)
+    assert tokens_only.q is None and torch.equal(tokens_only.tokens, both.layers[1].tokens)
+
+
+def test_teacher_refuses_blocks_whose_qk_the_hooks_cannot_reproduce(teacher: Teacher):
+    from open_clip.transformer import CustomResidualAttentionBlock
+
+    from retrofit_agent.contract.errors import ConfigError
+
+    teacher.check_spatial([-1, -2], need_qk=True)
+    with pytest.raises(ConfigError, match="outside the teacher's 2 blocks"):
+        teacher.check_spatial([-3], need_qk=False)
+    with pytest.raises(ConfigError, match="outside"):
+        teacher.check_spatial([2], need_qk=False)
+    blocks = teacher.model.visual.transformer.resblocks
+    original = blocks[-1]
+    try:
+        for kwargs, why in (({"qk_norm": True}, "uses QK-norm"), ({"scale_cosine_attn": True}, "scaled cosine attention")):
+            blocks[-1] = CustomResidualAttentionBlock(teacher.width, teacher.num_heads, **kwargs)
+            with pytest.raises(ConfigError, match=why) as e:
+                teacher.check_spatial([-1], need_qk=True)
+            assert "\n" not in str(e.value) and "loss.pca_attention" in str(e.value)
+            teacher.check_spatial([-1], need_qk=False)  # tokens alone (GL) are still what the block outputs
+        blocks[-1] = CustomResidualAttentionBlock(teacher.width, teacher.num_heads)  # plain: reproducible
+        teacher.check_spatial([-1], need_qk=True)
+    finally:
+        blocks[-1] = original
+
+
+def test_open_clip_older_than_the_floor_is_refused_with_one_line(monkeypatch):
+    import open_clip
+
+    from retrofit_agent.contract.errors import ConfigError
+    from retrofit_agent.train.teacher import check_open_clip
+
+    check_open_clip("2.26.1")
+    check_open_clip("3.3.0")
+    for old in ("2.24.0", "2.25.9", "1.9", "unknown"):
+        with pytest.raises(ConfigError, match="older than 2.26") as e:
+            check_open_clip(old)
+        assert "\n" not in str(e.value) and "pip install 'open_clip_torch>=2.26'" in str(e.value)
+    monkeypatch.setattr(open_clip, "__version__", "2.24.0")
+    with pytest.raises(ConfigError, match="open_clip_torch 2.24.0"):
+        Teacher("retrofit-micro-clip", pretrained=None, seed=0)
+
+
+def test_weights_hash_covers_every_weight_and_the_fingerprint_only_the_projections():
+    a, b = Teacher("retrofit-micro-clip", pretrained=None, seed=0), Teacher("retrofit-micro-clip", pretrained=None, seed=0)
+    assert a.weights_sha256() == b.weights_sha256() and len(a.weights_sha256()) == 64
+    with torch.no_grad():
+        b.model.visual.transformer.resblocks[0].mlp.c_fc.weight[0, 0] += 1e-3
+    b._weights_sha256 = None
+    assert a.weights_sha256() != b.weights_sha256()
+    assert a.fingerprint() == b.fingerprint()  # same embedding space as far as the bank can tell
 
 
 def test_teacher_view_uses_clip_normalisation_and_stretch(teacher: Teacher):
@@ -101,3 +157,60 @@ def test_augmentation_probabilities_and_determinism():
                           mean=(0.5,) * 3, std=(0.25,) * 3)
     zeros = (mask_only(x + 10, step_generator(0, 1, 0)) == 0).float().mean().item()
     assert zeros == pytest.approx(0.25, abs=0.01)  # 4 of 16 patches set to the mean colour
+
+
+def _norm(x: torch.Tensor, n) -> torch.Tensor:
+    mean, std = n.tensors(x)
+    return (x - mean) / std
+
+
+def _rgb(x: torch.Tensor, n) -> torch.Tensor:
+    mean, std = n.tensors(x)
+    return x * std + mean
+
+
+def test_one_view_renders_the_same_picture_in_either_models_normalisation_and_size():
+    from retrofit_agent.train.augment import Normalisation
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")  # smooth scenes
+    imagenet, clip = Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), Normalisation((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    aug = Augmenter(AugmentConfig(p_color=1, p_crop=1, p_rotate=0, p_mask=0), imagenet.mean, imagenet.std)
+    params = aug.sample(8, step_generator(0, 3, 0))
+    assert params.color_on.all() and params.geometry_on.all()
+    # Same size, two normalisations: the same RGB picture (crop and colour are linear in RGB).
+    a = _rgb(aug.apply(_norm(rgb, imagenet), params, imagenet), imagenet)
+    b = _rgb(aug.apply(_norm(rgb, clip), params, clip), clip)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Two sizes (the student's 64 px, the teacher's 32 px): the same picture up to resampling.
+    small = torch.nn.functional.interpolate(rgb, size=(32, 32), mode="area")
+    c = _rgb(aug.apply(_norm(small, clip), params, clip), clip)
+    shrunk = torch.nn.functional.interpolate(a, size=(32, 32), mode="area")
+    other = _rgb(aug.apply(_norm(small, clip), aug.sample(8, step_generator(0, 4, 0)), clip), clip)
+    same_err, other_err = (shrunk - c).abs().mean().item(), (shrunk - other).abs().mean().item()
+    assert same_err < 0.02 < other_err, (same_err, other_err)
+
+
+def test_view_params_round_trip_and_identity_leaves_images_untouched():
+    from retrofit_agent.train.augment import PARAMS, Normalisation, ViewParams
+
+    aug = Augmenter(AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
+    p = aug.sample(16, step_generator(1, 2, 3))
+    packed = p.pack()
+    assert packed.shape == (16, PARAMS)
+    q = ViewParams.unpack(packed)
+    for name in ("color_on", "color", "geometry_on", "theta"):
+        assert torch.equal(getattr(p, name), getattr(q, name))
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(aug.apply(x, ViewParams.identity(4), Normalisation((0.5,) * 3, (0.25,) * 3)), x)
+    off = Augmenter(AugmentConfig(enabled=False), mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert not off.sample(4, step_generator(0, 0, 0)).geometry_on.any() and off.sample_mask(4, step_generator(0, 0, 0)) is None
+
+
+def test_masking_is_drawn_in_cells_of_the_image_side():
+    aug = Augmenter(AugmentConfig(p_color=0, p_crop=0, p_rotate=0, p_mask=1, mask_patch=0.25, mask_ratio=0.5),
+                    mean=(0.5,) * 3, std=(0.25,) * 3)
+    keep = aug.sample_mask(10, step_generator(0, 0, 0))
+    assert keep.shape == (10, 4, 4) and (keep.flatten(1).sum(1) == 8).all()  # half of 16 cells kept
+    x = aug.apply(torch.ones(10, 3, 20, 20), aug.sample(10, step_generator(0, 0, 0)), aug.norm, keep)
+    assert ((x == 0).flatten(1).float().mean(1) == 0.5).all()  # at 20 px each cell is 5x5
