@@ -5,6 +5,10 @@ Distillation" (ACCV 2022): a Partially Cross Attention (PCA) projector and a Gro
 Linear (GL) projector; plus the small discriminator of multi-view robust training. None of
 them is exported: the bundle holds the student only.
 
+PCA comes in two forms (``projectors.pca_form``): the paper's (attention output and value
+relation, eq. 4) and an earlier simplified one (attention maps); :func:`pca_losses` says
+which term is which. All loss arithmetic runs in float32, outside autocast.
+
 Grids. A CNN feature map (e.g. 19x19 at stride 16 or 10x10 at stride 32 for
 EfficientNet-B3 at 300 px) and a ViT token grid (16x16 patch tokens plus one class token
 for ViT-L/14 at 224 px) do not line up. :func:`resample_map` resizes the CNN map to the
@@ -21,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from retrofit_agent.train.zeroshot import fp32
+
 
 def resample_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, C, H, W) → (B, C, *grid), bilinear, antialiased when downsampling."""
@@ -31,8 +37,23 @@ def resample_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(Q Kᵀ / √d) over (B, heads, N, d) tensors."""
-    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    """softmax(Q Kᵀ / √d) over (B, heads, N, d) tensors, in float32."""
+    with fp32(q.device):
+        q, k = q.float(), k.float()
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+
+def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d) V: what an attention head passes on (Liu et al. eq. 1-2), float32."""
+    with fp32(q.device):
+        return attention_map(q, k) @ v.float()
+
+
+def value_relation(v: torch.Tensor) -> torch.Tensor:
+    """V Vᵀ / √d (Liu et al. eq. 4, second term), float32."""
+    with fp32(v.device):
+        v = v.float()
+        return v @ v.transpose(-2, -1) / math.sqrt(v.shape[-1])
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -41,36 +62,63 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     Summing over the N keys (instead of a plain MSE, which divides by N once more) keeps
     the loss on the scale of one distribution's distance, independent of the grid size.
     """
-    return (student.float() - teacher.float()).pow(2).sum(-1).mean()
+    with fp32(student.device):
+        return (student.float() - teacher.float()).pow(2).sum(-1).mean()
+
+
+def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32 (the ‖·‖² of the paper's equations, per element)."""
+    with fp32(student.device):
+        return (student.float() - teacher.float()).pow(2).mean()
 
 
 def pca_losses(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
+    form: str = "paper", student_v: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Attention-map and value-relation losses (Liu et al. eq. 3-4).
+    """The PCA projector's two terms; both are zero when the student's Q, K, V equal the teacher's.
 
-    The value relation is softmax(V Vᵀ / √d), as in the paper; both terms are zero when
-    the student's Q, K, V equal the teacher's.
+    ``q, k, v`` are the operands after substitution, ``student_v`` the projector's own V.
+
+    - ``"paper"`` (Liu et al. eq. 4): ``pca_attention`` = ‖softmax(Q_T K_Tᵀ/√d) V_T −
+      softmax(g(Q_S) g(K_S)ᵀ/√d) g(V_S)‖², the attention *output*; ``pca_value`` =
+      ‖V_T V_Tᵀ/√d − V_S V_Sᵀ/√d‖² with the student's own V. Both mean squared errors.
+    - ``"maps"`` (the earlier simplified form): ``pca_attention`` compares the attention
+      *maps* softmax(QKᵀ/√d) and ``pca_value`` the maps softmax(VVᵀ/√d) (MiniLM's value
+      relation), both with substituted operands, as :func:`relation_loss`.
+
+    The teacher's attention is over patch tokens only, like the student's: no CNN location
+    corresponds to the class token.
     """
-    return {
-        "pca_attention": relation_loss(attention_map(q, k), attention_map(tq, tk)),
-        "pca_value": relation_loss(attention_map(v, v), attention_map(tv, tv)),
-    }
+    if form == "paper":
+        own_v = v if student_v is None else student_v
+        return {
+            "pca_attention": mse(attention_output(q, k, v), attention_output(tq, tk, tv)),
+            "pca_value": mse(value_relation(own_v), value_relation(tv)),
+        }
+    if form == "maps":
+        return {
+            "pca_attention": relation_loss(attention_map(q, k), attention_map(tq, tk)),
+            "pca_value": relation_loss(attention_map(v, v), attention_map(tv, tv)),
+        }
+    raise ValueError(f"unknown PCA form {form!r} (paper or maps)")
 
 
 class PCAProjector(nn.Module):
     """Partially Cross Attention: a CNN map → student Q, K, V in the teacher's head layout.
 
     Each of Q, K, V comes from its own 3x3 convolution of the (resampled) feature map.
-    In training, each student Q/K/V is replaced by the teacher's with probability
-    ``substitute_p`` — a whole matrix per image ("matrix", the paper's scheme) or each
-    element ("element") — so the student's attention is computed partly with the
-    teacher's operands, which eases the start of training.
+    In training, student entries are replaced by the teacher's with probability
+    ``substitute_p`` — each element independently ("element", the paper's g(·) of eq. 3)
+    or a whole Q, K or V matrix per image ("matrix") — so the student's attention is
+    computed partly with the teacher's operands, which eases the start of training.
+    ``form`` picks the loss terms (:func:`pca_losses`).
     """
 
-    def __init__(self, in_channels: int, width: int, heads: int, substitute_p: float = 0.5, granularity: str = "matrix") -> None:
+    def __init__(self, in_channels: int, width: int, heads: int, substitute_p: float = 0.5, granularity: str = "element",
+                 form: str = "paper") -> None:
         super().__init__()
-        self.heads, self.substitute_p, self.granularity = heads, substitute_p, granularity
+        self.heads, self.substitute_p, self.granularity, self.form = heads, substitute_p, granularity, form
         self.qkv = nn.ModuleList(nn.Conv2d(in_channels, width, 3, padding=1) for _ in range(3))
         self.last_substitution_rate = 0.0
 
@@ -85,21 +133,22 @@ class PCAProjector(nn.Module):
         return out
 
     def substitute(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """g(·): the teacher's entries where a uniform draw is below ``substitute_p`` (training only), float32."""
         if not self.training or self.substitute_p == 0:
             return student
         shape = (student.shape[0], 1, 1, 1) if self.granularity == "matrix" else student.shape
         mask = torch.rand(shape, device=student.device) < self.substitute_p
         self._substituted += float(mask.float().mean())
-        return torch.where(mask, teacher.to(student.dtype), student)
+        return torch.where(mask, teacher.float(), student.float())
 
     def forward(
         self, feature_map: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, grid: tuple[int, int]
     ) -> dict[str, torch.Tensor]:
         q, k, v = self.project(feature_map, grid)
         self._substituted = 0.0
-        q, k, v = self.substitute(q, tq), self.substitute(k, tk), self.substitute(v, tv)
+        gq, gk, gv = self.substitute(q, tq), self.substitute(k, tk), self.substitute(v, tv)
         self.last_substitution_rate = self._substituted / 3 if self.training else 0.0
-        return pca_losses(q, k, v, tq, tk, tv)
+        return pca_losses(gq, gk, gv, tq, tk, tv, self.form, student_v=v)
 
 
 class GLProjector(nn.Module):
@@ -143,7 +192,8 @@ class Discriminator(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.float()).squeeze(-1)
+        with fp32(x.device):  # small, and its logits feed log-sigmoids: float32 throughout
+            return self.net(x.float()).squeeze(-1)
 
 
 def discriminator_loss(disc: nn.Module, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
