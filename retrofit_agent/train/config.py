@@ -36,9 +36,24 @@ class TeacherConfig(_Strict):
         "'none' for seeded random weights (smoke runs and tests only: nothing learnt from it means anything)."
     )
     seed: int | None = Field(None, description="Seed for the teacher's random init when pretrained is null.")
-    layer: int = Field(-1, description="Transformer block whose tokens and attention the projectors align to (negative counts from the end).")
+    layer: int | list[int] = Field(
+        -1, description="Transformer block(s) whose tokens and attention the PCA/GL projectors align to (negative counts "
+        "from the end); a list trains one projector pair per block and averages their losses. Earlier CLIP blocks "
+        "(-4 to -8) localise better than the last one."
+    )
 
     _none = field_validator("pretrained", mode="before")(_none_word)
+
+    @field_validator("layer")
+    @classmethod
+    def _layers(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("give one block index or a non-empty list of distinct ones")
+        return value
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.layer) if isinstance(self.layer, list) else (self.layer,)
 
 
 class StudentConfig(_Strict):
@@ -68,7 +83,13 @@ class DataConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    enabled: bool = Field(True, description="Augment the student's view (the teacher always sees the clean image).")
+    enabled: bool = Field(True, description="Augment the training views (see teacher_view for what the teacher sees).")
+    teacher_view: Literal["same", "clean"] = Field(
+        "same", description="'same': the teacher sees the student's view (same crop, rotation and colour; patch masking "
+        "stays the student's alone), so spatial losses compare matching positions and targets match the pixels the "
+        "student sees. 'clean': the teacher sees the unperturbed image (the earlier recipe; under crop or rotation "
+        "PCA/GL then compare misaligned positions)."
+    )
     views: int = Field(1, ge=1, description="Augmented student views per image per step (multi-view training).")
     p_color: float = Field(0.5, ge=0, le=1, description="Probability of colour jitter.")
     p_crop: float = Field(0.5, ge=0, le=1, description="Probability of a random resized crop.")
@@ -84,10 +105,20 @@ class AugmentConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    embed_l2: float = Field(1.0, ge=0, description="Weight of the squared L2 distance between normalised embeddings.")
-    embed_cosine: float = Field(1.0, ge=0, description="Weight of 1 − cosine between student and teacher embeddings.")
+    embed_l2: float = Field(
+        1.0, ge=0, description="Squared L2 between the unit embeddings. On unit vectors ‖s − t‖² = 2(1 − cos), so it is "
+        "merged into the one embedding term (logged as 'embed'), which it adds 2 × this weight to."
+    )
+    embed_cosine: float = Field(1.0, ge=0, description="Weight of 1 − cosine between student and teacher embeddings (the 'embed' term).")
     affinity: float = Field(1.0, ge=0, description="Weight of KL(teacher ‖ student) over the text bank (TinyCLIP affinity mimicking).")
-    affinity_temperature: float | None = Field(None, gt=0, description="Softmax temperature over the bank; null: 1/teacher logit scale.")
+    affinity_temperature: float | None = Field(
+        None, gt=0, description="Softmax temperature over the bank; null: 1/teacher logit scale, the scale the bundle's "
+        "labeller multiplies cosines by."
+    )
+    affinity_softmax: Literal["group", "flat"] = Field(
+        "group", description="'group': a softmax within each label group of the bank, as the camera computes it; "
+        "'flat': one softmax over every label (the earlier recipe). bank.texts form one group of their own."
+    )
     pca_attention: float = Field(0.0, ge=0, description="Weight of the PCA projector's attention-map loss (Liu et al. 2022).")
     pca_value: float = Field(0.0, ge=0, description="Weight of the PCA projector's value-relation loss.")
     gl: float = Field(0.0, ge=0, description="Weight of the GL projector's L2 to the teacher's tokens.")
@@ -108,9 +139,17 @@ class BankConfig(_Strict):
 
 
 class ProjectorConfig(_Strict):
-    pca_substitute_p: float = Field(0.5, ge=0, le=1, description="PCA: probability that a student Q/K/V is replaced by the teacher's in training.")
+    pca_form: Literal["paper", "maps"] = Field(
+        "paper", description="'paper': Liu et al. eq. 4, the attention output softmax(QKᵀ/√d)·V (with substituted operands) "
+        "and the value relation VVᵀ/√d, each a mean squared error. 'maps': the earlier simplified form, attention maps "
+        "softmax(QKᵀ/√d) and softmax(VVᵀ/√d) compared row by row."
+    )
+    pca_substitute_p: float = Field(
+        0.5, ge=0, le=1, description="PCA: probability that a student Q/K/V entry is replaced by the teacher's in training "
+        "(the paper's g(·): p ~ U(0,1), teacher's entry where p ≥ 0.5)."
+    )
     pca_granularity: Literal["matrix", "element"] = Field(
-        "matrix", description="PCA substitution unit: a whole Q, K or V matrix per image (Liu et al.), or each element."
+        "element", description="PCA substitution unit: each element (Liu et al. eq. 3), or a whole Q, K or V matrix per image."
     )
     gl_group: int = Field(4, gt=0, description="GL: side of a square neighbourhood group of tokens that shares one linear layer.")
     gl_dropout: float = Field(0.1, ge=0, lt=1, description="GL: dropout on the student features before the linear layers.")
@@ -134,10 +173,24 @@ class OptimConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    enabled: bool = Field(False, description="Train from precomputed teacher embeddings (only embedding, affinity and adversarial losses).")
+    enabled: bool = Field(False, description="Train from precomputed teacher outputs: the teacher runs once over the training set.")
     dir: Path | None = Field(None, description="Cache directory; default <run.out_dir>/teacher-cache.")
-    shard_size: int = Field(4096, gt=0, description="Embeddings per shard file.")
+    shard_size: int = Field(4096, gt=0, description="Images per shard file.")
     batch_size: int = Field(128, gt=0, description="Teacher batch size while building the cache.")
+    views: int = Field(
+        1, ge=1, description="Augmented views pre-sampled per image (augment.teacher_view = 'same'): their parameters and "
+        "the teacher's outputs are stored; each step replays one on the student's input (FKD-style). With 'clean' one "
+        "clean view is stored and the student is augmented afresh every step."
+    )
+    seed: int = Field(0, description="Seeds the stored views (not run.seed, so runs with other seeds can share one cache).")
+    spatial: bool = Field(
+        False, description="Also store the teacher's patch tokens and Q/K/V of teacher.layer (float16) so the PCA/GL losses "
+        "can train from the cache: 4 x tokens x width x 2 bytes per image, view and layer."
+    )
+    on_mismatch: Literal["refuse", "rebuild"] = Field(
+        "refuse", description="A cache directory built for another teacher, resolution, view set or image list (or by an "
+        "older build): 'refuse' stops with one line, 'rebuild' deletes its files and builds it again."
+    )
 
 
 class RunConfig(_Strict):
@@ -172,11 +225,13 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":
-        if self.cache.enabled and self.loss.needs_teacher_tokens:
+        if self.cache.enabled and self.loss.needs_teacher_tokens and not self.cache.spatial:
             raise ValueError(
-                "cache.enabled stores final embeddings only; set loss.pca_attention, loss.pca_value and loss.gl to 0 "
-                "or disable the cache"
+                "cache.enabled stores final embeddings only unless cache.spatial = true; set cache.spatial, or set "
+                "loss.pca_attention, loss.pca_value and loss.gl to 0, or disable the cache"
             )
+        if self.cache.enabled and self.cache.views > 1 and self.augment.teacher_view == "clean":
+            raise ValueError("cache.views > 1 needs augment.teacher_view = 'same' (a clean teacher view is one view)")
         if self.loss.affinity > 0 and self.bank.prompts_file is None and not self.bank.texts:
             raise ValueError("loss.affinity needs a bank: set bank.prompts_file or bank.texts")
         lo, hi = self.augment.crop_scale

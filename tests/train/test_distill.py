@@ -48,7 +48,7 @@ def test_student_learns_the_teacher_with_every_loss_part(tmp_path: Path, images:
     # must also get the other images right: at most 60 % of the constant's disagreements.
     assert 1 - last["heldout_top1_agreement"] <= 0.6 * (1 - last["heldout_top1_constant_baseline"])
     train = _metrics(tmp_path / "run", "train")
-    parts = {"loss_embed_l2", "loss_embed_cosine", "loss_affinity", "loss_pca_attention", "loss_pca_value",
+    parts = {"loss_embed", "loss_affinity", "loss_pca_attention", "loss_pca_value",
              "loss_gl", "loss_adversarial", "loss_discriminator", "lr", "images_per_s", "loss"}
     assert parts <= train[-1].keys()
     assert train[-1]["loss"] < train[0]["loss"] / 2
@@ -126,6 +126,10 @@ def test_cli_rejects_bad_config_with_one_line_and_exit_2(tmp_path: Path):
         ("--config", str(bad)): "optim.lr",
         ("--config", str(TINY), "--set", "loss.nope=1"): "loss.nope: unknown setting",
         ("--config", str(TINY), "--set", "cache.enabled=true"): "cache.enabled stores final embeddings only",
+        ("--config", str(TINY), "--set", "cache.enabled=true", "--set", "cache.spatial=true", "--set", "cache.views=2",
+         "--set", "augment.teacher_view=clean"): "cache.views > 1 needs augment.teacher_view",
+        ("--config", str(TINY), "--set", "teacher.layer=[]"): "teacher.layer",
+        ("--config", str(TINY), "--set", "augment.teacher_view=both"): "augment.teacher_view",
         ("--config", str(tmp_path / "missing.toml")): "config file not found",
         ("--config", str(TINY), "--set", "nonsense"): "must look like section.key=value",
     }
@@ -133,3 +137,65 @@ def test_cli_rejects_bad_config_with_one_line_and_exit_2(tmp_path: Path):
         r = _cli("distill", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_after_a_student_step_only_the_student_and_projectors_have_learnt(tmp_path: Path, images: Path):
+    d = Distiller(tiny_config(tmp_path / "run", [str(images)], data={"max_images": 48, "holdout": 0, "batch_size": 8}))
+    before = {n: p.detach().clone() for n, p in d.models.trainable.named_parameters()}
+    disc_before = {n: p.detach().clone() for n, p in d.disc.named_parameters()}
+    views = d.views(next(iter(d.data.loader)), step=0)
+    d.student_step(views)
+    assert all(p.grad is None for p in d.disc.parameters())  # frozen for the student's pass
+    assert all(torch.equal(p, disc_before[n]) for n, p in d.disc.named_parameters())
+    assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
+    assert not d.bank.embeddings.requires_grad and d.bank.embeddings.grad is None
+    changed = {n for n, p in d.models.trainable.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("student.backbone.") for n in changed) and any(n.startswith("student.head.") for n in changed)
+    assert any(n.startswith("loss.pca.") for n in changed) and any(n.startswith("loss.gl.") for n in changed)
+    d.disc_step(views, d.student(views.student).detach())
+    assert not all(torch.equal(p, disc_before[n]) for n, p in d.disc.named_parameters())  # then it learns on its own
+
+
+def test_weight_decay_spares_every_bias_and_norm_weight():
+    from retrofit_agent.train.losses import DistillLoss, SpatialShape
+    from retrofit_agent.train.config import LossConfig, ProjectorConfig
+    from retrofit_agent.train.projectors import Discriminator
+    from retrofit_agent.train.setup import param_groups
+    from retrofit_agent.train.student import Student
+
+    student = Student("test_efficientnet", embed_dim=16, hidden_dim=32, input_size=32)
+    loss = DistillLoss(LossConfig(pca_attention=1, gl=1), ProjectorConfig(), SpatialShape(8, 8, 2, (4, 4), 1), 1.0)
+    model = torch.nn.ModuleDict({"student": student, "loss": loss, "disc": Discriminator(16, 8)})
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "loss.gl.0.bias" in spared and model.get_parameter("loss.gl.0.bias").ndim == 2  # a 2-d bias is still a bias
+    assert all(n.endswith("bias") or ".bn" in n or "norm" in n for n in spared), sorted(spared)
+    assert not any(n.endswith("bias") for n in decayed)
+    assert any(".bn1.weight" in n for n in spared)  # BatchNorm weights
+    assert "loss.gl.0.weight" in decayed and "student.head.net.0.weight" in decayed and "loss.pca.0.qkv.0.weight" in decayed
+    assert len(spared) + len(decayed) == len(names)
+
+
+def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(tmp_path: Path, images: Path, capsys, monkeypatch):
+    import open_clip
+
+    from retrofit_agent.train.cli import main
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    cfg = json.loads((REPO / "retrofit_agent" / "train" / "model_configs" / "retrofit-micro-clip.json").read_text())
+    cfg["vision_cfg"]["qk_norm"] = True
+    (configs / "qknorm-micro-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(configs)
+    args = ["distill", "--config", str(TINY), "--out", str(tmp_path / "run"), "--no-progress", "--max-steps", "1",
+            "--set", f'data.train=["{images}"]', "--set", "teacher.model=qknorm-micro-clip"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "uses QK-norm" in err.strip().splitlines()[-1] and "Traceback" not in err
+    monkeypatch.setattr(open_clip, "__version__", "2.24.0")
+    assert main(args[:-2]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "open_clip_torch 2.24.0 is older than 2.26" in err.strip().splitlines()[-1]
