@@ -205,6 +205,9 @@ def read_manifest(root: Path) -> Manifest:
 
 def load_bank(path: Path) -> TextBank:
     """Load a ``.npz`` bank without pickle and check its dtype, shape and values."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # np.load would take it for a pickle
+        raise BundleError(f"bank {path}: not a readable .npz file (not a zip archive; 'retrofit-model prompts' "
+                          "writes banks)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}

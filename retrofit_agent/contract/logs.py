@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines for journald, a console renderer for humans."""
+"""structlog set-up: JSON lines for journald, a console renderer for humans, picked by ``auto``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,22 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog once, from the composition root."""
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """``auto`` is ``console`` when ``stream`` is a terminal (a person reads it) and ``json`` otherwise
+    (journald, a file, a pipe)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "console" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "json"
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog once, from the composition root. ``fmt``: auto, json or console."""
+    stream = stream or sys.stderr
     renderer: structlog.types.Processor
-    if fmt == "console":
+    if resolve_format(fmt, stream) == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
@@ -27,6 +39,6 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )

@@ -90,6 +90,10 @@ def load_prompts(path: Path) -> PromptSet:
         raise ConfigError(f"prompts file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"prompts file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"prompts file {path} is not UTF-8 text (is it a prompts TOML file?)") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"cannot read prompts file {path}: {e.strerror or e}") from None
     try:
         return PromptSet.model_validate(data)
     except ValidationError as e:

@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from retrofit_agent.contract.errors import ConfigError
+
 
 def render_frame(i: int, width: int = 640, height: int = 360, n_frames: int = 150) -> np.ndarray:
     t = i / max(1, n_frames - 1)
@@ -45,7 +47,7 @@ def write_clip(path: Path, n_frames: int = 150, fps: float = 15.0, size: tuple[i
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     if not writer.isOpened():
-        raise RuntimeError(f"cannot write video {path}")
+        raise ConfigError(f"cannot write video {path} (use a .mp4 or .avi name in a writable folder)")
     try:
         for i in range(n_frames):
             writer.write(render_frame(i, size[0], size[1], n_frames))

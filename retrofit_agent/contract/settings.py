@@ -75,17 +75,26 @@ def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def format_validation_error(err: ValidationError, origin: str = "config") -> str:
-    """One line naming the first offending field and value (and how many more there are)."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown setting"
-    line = f"{origin} error: {loc}: {msg}"
-    if "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
-        line += f" (got {first['input']!r})"
-    more = len(err.errors()) - 1
-    if more:
-        line += f" [and {more} more]"
+def format_validation_error(err: ValidationError, origin: str = "config", limit: int = 5) -> str:
+    """One line naming each offending field and value, up to ``limit`` of them.
+
+    ``config error: camera.fps: Input should be greater than 0 (got -1); and: log.level: Input
+    should be 'debug', … (got 'loud'); and 3 more``.
+    """
+    errors = err.errors()
+    parts = [_describe(e) for e in errors[:limit]]
+    line = f"{origin} error: {parts[0]}"
+    if len(parts) > 1:
+        line += "; and: " + "; ".join(parts[1:])
+    if len(errors) > limit:
+        line += f"; and {len(errors) - limit} more"
     return line
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "<root>"
+    msg = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
+    part = f"{loc}: {msg}"
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+        part += f" (got {error['input']!r})"
+    return part.replace("\r", " ").replace("\n", " ")  # one line, whatever a validator's message held

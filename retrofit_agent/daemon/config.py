@@ -240,8 +240,9 @@ class CollectConfig(_Section):
 
 
 class LogConfig(_Section):
-    format: Literal["json", "console"] = Field(
-        "json", description="'json' lines for journald, 'console' for humans."
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="'json' lines for journald, 'console' for humans; 'auto': console when stderr is a "
+        "terminal, json otherwise."
     )
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum log level.")
 
