@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,3 +98,26 @@ def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) 
         agent_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, **(env or {})},
     )
+
+
+FFMPEG = shutil.which("ffmpeg")
+
+
+def serve_http_stream(clip: Path, port: int, loop: bool = True) -> subprocess.Popen:
+    """Debian's ffmpeg serving ``clip`` as a live MPEG-TS stream over HTTP on loopback (one client).
+
+    (ffmpeg cannot serve RTSP to pulling clients; the daemon opens http:// and rtsp:// URLs
+    through the same FFmpeg backend with the same timeouts and reconnect logic.)
+    """
+    assert FFMPEG, "needs Debian's ffmpeg (scripts/test.sh installs it)"
+    return subprocess.Popen(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", *(["-stream_loop", "-1"] if loop else []),
+         "-i", str(clip), "-c:v", "mpeg4", "-q:v", "5", "-f", "mpegts", "-listen", "1",
+         f"http://127.0.0.1:{port}/live.ts"],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a metric's samples in a /metrics scrape."""
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name) and not l.startswith("#"))

@@ -72,8 +72,9 @@ class StatusMessage(_Msg):
     camera: str
     model: str
     trained: bool = Field(description="False when the bundle's weights are seeded, not trained.")
-    health: Literal["starting", "ok", "degraded"] = Field(
-        description="'degraded' while the source delivers no frames."
+    health: Literal["waiting_for_camera", "ok", "degraded"] = Field(
+        description="'waiting_for_camera' until the source first delivers a frame; 'degraded' while a source "
+        "that did deliver is lost, frozen or reconnecting; 'ok' otherwise."
     )
     machine: str = Field(description="platform.machine() of the host, e.g. 'aarch64'.")
     frames_processed: int

@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-import numpy as np
 import structlog
 
-from retrofit_agent.contract.bundle import Bundle
 from retrofit_agent.daemon.capture import Frame, FrameGrabber
 from retrofit_agent.daemon.config import AgentConfig
-from retrofit_agent.contract.embedder import Embedder
-from retrofit_agent.daemon.labelling import LabelResult, Tag, ZeroShotLabeler
+from retrofit_agent.daemon.labelling import LabelResult, Tag
 from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
 from retrofit_agent.daemon.metrics import AgentMetrics
-from retrofit_agent.contract.preprocess import BadFrameError, Preprocessor, to_bgr8
+from retrofit_agent.contract.preprocess import BadFrameError
+from retrofit_agent.daemon.pipeline import ModelPipeline
 from retrofit_agent.daemon.publish import Publisher
 from retrofit_agent.daemon.reload import Reloader
 from retrofit_agent.daemon.collect.collector import Collector, FrameRecord
@@ -35,24 +33,6 @@ from retrofit_agent.contract.messages import (
 log = structlog.get_logger("retrofit_agent.daemon.agent")
 
 
-@dataclass
-class ModelPipeline:
-    """Everything that depends on the bundle; built and warmed up before the loop starts."""
-
-    bundle: Bundle
-    preprocess: Preprocessor
-    embedder: Embedder
-    labeler: ZeroShotLabeler
-
-    @property
-    def model_id(self) -> str:
-        return self.bundle.manifest.model_id
-
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """Raw frame → model input; raises BadFrameError for frames that cannot be used."""
-        return self.preprocess(to_bgr8(image))
-
-
 def utc_iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -62,11 +42,19 @@ def _tags_out(tags: list[Tag]) -> list[TagOut]:
 
 
 class FpsMeter:
-    def __init__(self, window: int = 30) -> None:
+    """Processed frames per second over the last ``horizon`` seconds; 0 when frames stop."""
+
+    def __init__(self, window: int = 30, horizon: float = 5.0) -> None:
         self._times: deque[float] = deque(maxlen=window)
+        self._horizon = horizon
 
     def tick(self, now: float) -> float:
         self._times.append(now)
+        return self.rate(now)
+
+    def rate(self, now: float) -> float:
+        while self._times and now - self._times[0] > self._horizon:
+            self._times.popleft()
         if len(self._times) < 2:
             return 0.0
         span = self._times[-1] - self._times[0]
@@ -126,12 +114,7 @@ class Agent:
             waited_from = self._clock()
             frame = self.grabber.get(timeout=0.25)
             now = self._clock()
-            if now - self._last_status >= self.cfg.publish.status_interval_s:
-                self._publish_status(now)
-            if self.collector is not None:
-                self._publish_captures()
-            if self.reloader is not None:
-                self._reload_if_asked()
+            self._housekeeping(now)
             if frame is None:
                 if self.grabber.finished:
                     self._log.info("source_finished", frames_processed=self._processed)
@@ -143,14 +126,31 @@ class Agent:
                 break
         return 0
 
+    def _housekeeping(self, now: float) -> None:
+        """Once per loop turn, frame or not: status, captures, reloads, liveness."""
+        if now - self._last_status >= self.cfg.publish.status_interval_s:
+            self._publish_status(now)
+        if self.collector is not None:
+            self._publish_captures()
+        if self.reloader is not None:
+            self._reload_if_asked()
+        self._last_fps = self._fps.rate(now)
+        self.metrics.fps.set(self._last_fps)
+        self.metrics.seconds_since_frame.set(self.grabber.seconds_since_progress())
+        # The watchdog guards the loop, not the camera: a loop that turns (waiting for a
+        # camera included) is alive; a hung inference or a stuck grabber starves it.
+        if self.grabber.healthy():
+            self.notifier.watchdog()
+
     def _process(self, frame: Frame, waited: float) -> None:
         p = self.pipeline
         t0 = self._clock()
-        if frame.error is not None:
-            self._bad_frame(frame, frame.error)
-            return
-        if frame.prepared is not None and frame.prepared_with == p.prepare:  # done on the grabber thread
-            tensor, prep_seconds = frame.prepared, frame.prepare_seconds
+        ready = frame.prepared
+        if ready is not None and ready.generation == p.generation:  # done on the grabber thread
+            if ready.error is not None or ready.tensor is None:
+                self._bad_frame(frame, ready.error or "not prepared")
+                return
+            tensor, prep_seconds = ready.tensor, ready.seconds
         else:
             try:
                 tensor = p.prepare(frame.image)
@@ -181,7 +181,8 @@ class Agent:
             self.collector.observe(self._record(frame, result))
         t4 = self._clock()
         self._observe(frame, (waited, prep_seconds, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
-        self.notifier.watchdog()
+        if self.grabber.healthy():
+            self.notifier.watchdog()
 
     def _reload_if_asked(self) -> None:
         if self.stop.reload.is_set():
@@ -192,14 +193,22 @@ class Agent:
             self._swap(done.config, done.pipeline)
 
     def _swap(self, cfg: AgentConfig, pipeline: ModelPipeline) -> None:
-        """Switch to a verified, warmed-up pipeline between two frames."""
+        """Switch to a verified, warmed-up pipeline between two frames.
+
+        A reload that changes neither the bundle nor the labelling keeps the running
+        pipeline, so its tags (and their smoothing) carry on instead of going off and on.
+        """
         old_id = self.pipeline.model_id
-        if self._last_frame is not None:  # the old model's tags end here
-            for tag in self._current_tags:
-                self._send_event(self._last_frame, tag, on=False)
-        self._current_tags = []
+        unchanged = pipeline.bundle.manifest == self.pipeline.bundle.manifest and cfg.labels == self.cfg.labels
+        if unchanged:
+            pipeline = self.pipeline
+        else:
+            if self._last_frame is not None:  # the old model's tags end here
+                for tag in self._current_tags:
+                    self._send_event(self._last_frame, tag, on=False)
+            self._current_tags = []
         self.cfg, self.pipeline = cfg, pipeline
-        self.grabber.prepare = pipeline.prepare
+        self.grabber.set_preparer(pipeline.prepare, pipeline.generation)
         m = pipeline.bundle.manifest
         self.metrics.set_model(m.model_id, m.version, m.trained, self.camera)
         if self.collector is not None:
@@ -209,7 +218,10 @@ class Agent:
             self._log.warning("reload_ignored_settings", sections=["collect.campaigns"],
                               hint="collection starts only with campaigns configured at start-up; restart")
         self._log = log.bind(camera=self.camera, model=m.model_id)
-        self._log.info("reload_applied", previous_model=old_id, campaigns=[c.name for c in cfg.collect.campaigns])
+        self._log.info(
+            "reload_applied", previous_model=old_id, model_changed=not unchanged,
+            campaigns=[c.name for c in cfg.collect.campaigns],
+        )
 
     def _bad_frame(self, frame: Frame, error: str) -> None:
         self.metrics.frames_failed.labels(reason="bad_frame").inc()
@@ -270,9 +282,12 @@ class Agent:
         self._processed += 1
 
     def _health(self) -> str:
-        if self._processed == 0:
-            return "starting"
-        return "degraded" if self.grabber.seconds_since_progress() > self.cfg.camera.stall_timeout_s else "ok"
+        g = self.grabber
+        if not g.delivered:
+            return "waiting_for_camera"
+        if not g.connected or g.seconds_since_progress() > self.cfg.camera.stall_timeout_s:
+            return "degraded"
+        return "ok"
 
     def _publish_status(self, now: float) -> None:
         self._last_status = now

@@ -1,30 +1,42 @@
 """Frame sources through OpenCV, and the grabber thread that keeps only the newest frame.
 
-Live sources (V4L2, network streams, GStreamer) that fail or stall are released and
-reopened with exponential back-off, forever: a camera going away never ends the daemon.
-A video file ends the stream at its end unless looped. A stalled read may hang inside
-native code, so a stall abandons the stuck thread (it exits when its read returns) and
-starts a fresh one rather than waiting for it.
+Waiting for a camera is a state, not a failure: a live source (V4L2, network stream,
+GStreamer) that is absent, refused or frozen, at start-up or later, is opened again with
+exponential back-off for as long as the daemon runs. Only what waiting cannot fix fails
+start-up: a video file that does not exist, or a GStreamer pipeline on an OpenCV build
+without GStreamer. Every open happens on the grabber thread, so a stop never waits for a
+hanging open. A stalled read may hang inside native code, so a stall abandons the stuck
+thread (it exits when its read returns) and starts a fresh one rather than waiting for it.
+
+A frame's capture time is when the source produced it, taken from the stream's own
+timestamps (:class:`StreamClock`), never when a stale buffer was re-read: frames a frozen
+stream re-delivers, or delivers long after they were produced, are dropped and counted,
+and do not count as progress, so a frozen stream is a stall.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import cv2
 import numpy as np
 import structlog
 
-from retrofit_agent.daemon.config import CameraConfig
 from retrofit_agent.contract.errors import CaptureError
+from retrofit_agent.daemon.config import CameraConfig
 from retrofit_agent.daemon.metrics import AgentMetrics
 
 log = structlog.get_logger("retrofit_agent.daemon.capture")
+
+# A grabber whose stuck reads have left this many threads behind is itself stuck: it stops
+# reporting healthy, so the watchdog restarts the process instead of leaking threads.
+MAX_ABANDONED_THREADS = 8
 
 
 class VideoSource(Protocol):
@@ -36,15 +48,25 @@ class VideoSource(Protocol):
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What the grabber's preparer made of a frame: the model input, or why it could not."""
+
+    tensor: np.ndarray | None
+    seconds: float
+    error: str | None
+    generation: int  # the model pipeline that prepared it; a reload bumps it
+
+
+@dataclass(frozen=True)
 class Frame:
     image: np.ndarray
     frame_id: int
-    captured_mono: float  # time.monotonic() when the read returned
-    captured_wall: float  # time.time() at the same moment, for messages only
-    prepared: Any = None  # what the grabber's ``prepare`` hook made of it (the model input)
-    prepare_seconds: float = 0.0
-    error: str | None = None  # why ``prepare`` rejected it
-    prepared_with: Any = None  # the ``prepare`` callable used (a reload may have replaced it since)
+    captured_mono: float  # time.monotonic() when the source produced the frame
+    captured_wall: float  # the same moment as Unix time, for messages only
+    prepared: Prepared | None = None
+
+
+Preparer = Callable[[np.ndarray], np.ndarray]
 
 
 def resolve_kind(cfg: CameraConfig) -> str:
@@ -67,6 +89,25 @@ def camera_id(cfg: CameraConfig) -> str:
     if "://" in src:
         return src.split("://", 1)[1].split("@")[-1].split("?")[0]  # never leak credentials
     return Path(src).name if "!" not in src else "gstreamer"
+
+
+def _opencv_has_gstreamer() -> bool:
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line.split(":", 1)[1]
+    return False
+
+
+def check_source(cfg: CameraConfig) -> None:
+    """Refuse at start-up what waiting for a live source cannot fix. Raises CaptureError (exit 2).
+
+    (A file is opened at start-up, so a missing one fails there.)
+    """
+    if resolve_kind(cfg) == "gstreamer" and not _opencv_has_gstreamer():
+        raise CaptureError(
+            "camera.source: a GStreamer pipeline needs an OpenCV build with GStreamer support "
+            "(the PyPI wheel has none)"
+        )
 
 
 def open_source(cfg: CameraConfig) -> cv2.VideoCapture:
@@ -92,8 +133,7 @@ def open_source(cfg: CameraConfig) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(src, cv2.CAP_FFMPEG)
     if not cap.isOpened():
         cap.release()
-        hint = " (this OpenCV build may lack GStreamer support)" if kind == "gstreamer" else ""
-        raise CaptureError(f"camera.source: cannot open {kind} source {src!r}{hint}")
+        raise CaptureError(f"camera.source: cannot open {kind} source {src!r}")
     if kind == "v4l2":
         _apply_v4l2_settings(cap, cfg)
     return cap
@@ -111,6 +151,97 @@ def _apply_v4l2_settings(cap: cv2.VideoCapture, cfg: CameraConfig) -> None:
         cap.set(cv2.CAP_PROP_FPS, cfg.fps)
 
 
+def stream_seconds(source: VideoSource) -> float | None:
+    """The last read frame's presentation time in the stream's own timeline, if it has one."""
+    try:
+        ms = float(source.get(cv2.CAP_PROP_POS_MSEC))
+    except Exception:  # a source without the property
+        return None
+    return ms / 1000.0 if math.isfinite(ms) and ms > 0 else None
+
+
+def fit_within(image: np.ndarray, max_width: int, max_height: int) -> np.ndarray | None:
+    """``image`` downscaled (aspect kept) to fit ``max_width`` x ``max_height``; None if it fits."""
+    h, w = image.shape[:2]
+    if not (h and w):
+        return None  # an empty frame: the preparer rejects it
+    scale = min(max_width / w, max_height / h)
+    if scale >= 1.0:
+        return None
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+class StreamClock:
+    """Maps a live source's timestamps onto the monotonic clock and spots stale frames.
+
+    ``base`` is the smallest (arrival - presentation time) offset seen on this connection:
+    the fastest path from the source to us. A frame's lag is how much later than that it
+    arrived. A frozen stream's buffer comes out late (after a read timeout) or repeated
+    (the same timestamp again); both are stale. ``base`` may drift up slowly, so a camera
+    whose clock runs a little slow is not declared late after hours. Without timestamps,
+    a frame identical to the previous one (no sensor noise at all) is a re-delivery.
+    """
+
+    DRIFT = 1e-3  # s/s of clock skew tolerated between the source and us
+    DISCONTINUITY_S = 1.0  # a timeline jumping back further than this restarted: re-anchor
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self.reset()
+
+    def reset(self) -> None:
+        self._base: float | None = None
+        self._last_pts: float | None = None
+        self._last_now = 0.0
+        self._last_print: bytes | None = None
+
+    def observe(self, pts: float | None, now: float, image: np.ndarray) -> float | None:
+        """The monotonic time ``image`` was produced, or None when it is stale."""
+        if pts is None:
+            fingerprint = np.ascontiguousarray(image[::16, ::16]).tobytes()
+            repeated = fingerprint == self._last_print
+            self._last_print = fingerprint
+            return None if repeated else now
+        if self._last_pts is not None and pts <= self._last_pts:
+            if self._last_pts - pts < self.DISCONTINUITY_S:
+                return None  # the same frame, or one from before it: a re-delivery
+            self._base = None  # the source restarted its timeline
+        offset = now - pts
+        if self._base is None:
+            self._base = offset
+        else:
+            self._base = min(self._base + self.DRIFT * max(0.0, now - self._last_now), offset)
+        self._last_pts, self._last_now = pts, now
+        if offset - self._base > self.max_age_s:
+            return None
+        return min(now, self._base + pts)
+
+
+class FilePacer:
+    """Paces a file like a camera: each frame at its own timestamp against one deadline.
+
+    Deadlines are anchored once per pass through the file, so sleeping late never adds up
+    (no drift), and variable frame rates follow the file's timestamps. Without timestamps
+    the container's nominal rate is used.
+    """
+
+    def __init__(self, nominal_fps: float, clock: Callable[[], float]) -> None:
+        self._period = 1.0 / nominal_fps if nominal_fps > 0 else 0.0
+        self._clock = clock
+        self._anchor: float | None = None
+        self._first_pts = 0.0
+        self._count = 0
+
+    def deadline(self, pts: float | None) -> float:
+        now = self._clock()
+        if self._anchor is None:
+            self._anchor, self._first_pts = now, pts if pts is not None else 0.0
+        offset = (pts - self._first_pts) if pts is not None else self._count * self._period
+        self._count += 1
+        return self._anchor + max(0.0, offset)
+
+
 class FrameGrabber:
     """Reads frames on a background thread and hands the frame loop the newest one.
 
@@ -118,7 +249,7 @@ class FrameGrabber:
     last one returned, and is also where stalls are detected (the frame loop is the one
     thread that is never stuck in a camera driver).
 
-    ``prepare`` (the model's preprocessing) runs on the grabber thread, so decoding and
+    The preparer (the model's preprocessing) runs on the grabber thread, so decoding and
     resizing the next frame overlap with inference on the current one.
     """
 
@@ -128,10 +259,10 @@ class FrameGrabber:
         metrics: AgentMetrics,
         opener: Callable[[CameraConfig], VideoSource] = open_source,
         clock: Callable[[], float] = time.monotonic,
-        prepare: Callable[[np.ndarray], Any] | None = None,
+        admit: Callable[[int, int], None] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.prepare = prepare
+        self._admit = admit  # checks a source's frame size (the memory budget); raises to refuse it
         self.kind = resolve_kind(cfg)
         self.live = self.kind != "file"
         self._metrics = metrics
@@ -143,8 +274,12 @@ class FrameGrabber:
         self._consumed = True
         self._next_id = 0
         self._generation = 0
+        self._prepare: Preparer | None = None
+        self._prepare_generation = 0
         self._last_progress = clock()
         self.finished = False  # a non-looping file reached its end
+        self.connected = False  # a source is open now
+        self.delivered = False  # at least one frame has arrived since start-up
         self._reconnecting = False  # back-off waits are not stalls
         self._threads: list[threading.Thread] = []
         self._log = log.bind(camera=camera_id(cfg))
@@ -152,17 +287,40 @@ class FrameGrabber:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Open the source once synchronously (so a bad source fails start-up), then grab."""
-        source = self._opener(self.cfg)
+        """Refuse what waiting cannot fix, then open and grab on the grabber thread.
+
+        A file is opened here, so an unreadable one fails start-up; a live source is opened
+        by the thread, so a camera that is not there yet is waited for.
+        """
+        check_source(self.cfg)
+        source = None if self.live else self._open()
+        if source is not None:
+            self._set_connected(True)
         self._spawn(source)
 
     def stop(self, timeout: float = 1.0) -> None:
+        """Stop grabbing; waits at most ``timeout`` for threads (a hanging open is left behind)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         deadline = self._clock() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - self._clock()))
+
+    def set_preparer(self, prepare: Preparer, generation: int) -> None:
+        """Prepare frames on the grabber thread with ``prepare`` (set again on a reload).
+
+        Frames carry ``generation``, so the loop redoes those prepared by an older pipeline.
+        """
+        self._prepare, self._prepare_generation = prepare, generation
+
+    def healthy(self) -> bool:
+        """False when the grabber itself is stuck or dead (not when the camera is away)."""
+        if self._stop.is_set() or self.finished:
+            return True
+        alive = [t for t in self._threads if t.is_alive()]
+        current = any(t.name == f"grabber-{self._generation}" for t in alive)
+        return current and len(alive) <= MAX_ABANDONED_THREADS
 
     def _spawn(self, source: VideoSource | None) -> None:
         with self._cond:
@@ -172,6 +330,10 @@ class FrameGrabber:
         t = threading.Thread(target=self._run, args=(gen, source), name=f"grabber-{gen}", daemon=True)
         self._threads = [th for th in self._threads if th.is_alive()] + [t]
         t.start()
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self._metrics.camera_connected.set(1 if connected else 0)
 
     # ------------------------------------------------------------------ consumer side
 
@@ -190,7 +352,7 @@ class FrameGrabber:
                 frame = None
             else:
                 frame, self._consumed = self._latest, True
-                self._cond.notify_all()  # a paced file reader waits for this
+                self._cond.notify_all()  # a file reader waiting for its consumer goes on
         if frame is None and self._stalled():
             self._restart_stalled()
         return frame
@@ -209,6 +371,7 @@ class FrameGrabber:
     def _restart_stalled(self) -> None:
         self._log.warning("camera_stalled", seconds=round(self.seconds_since_progress(), 2))
         self._metrics.camera_reconnects.inc()
+        self._set_connected(False)
         self._spawn(None)  # the stuck thread sees a newer generation and exits when its read returns
 
     # ------------------------------------------------------------------ producer side
@@ -217,32 +380,69 @@ class FrameGrabber:
         return gen == self._generation and not self._stop.is_set()
 
     def _run(self, gen: int, source: VideoSource | None) -> None:
-        delay = self.cfg.backoff_initial_s
-        period = self._file_period(source) if source is not None else None
+        try:
+            self._grab(gen, source)
+        except Exception as e:  # thread boundary: log it; healthy() turns False and the watchdog acts
+            self._log.error("grabber_failed", error=str(e), error_type=type(e).__name__)
+            if not self.live:
+                with self._cond:
+                    self.finished = True
+                    self._cond.notify_all()
+
+    def _grab(self, gen: int, source: VideoSource | None) -> None:
+        delay = 0.0 if source is None and not self.delivered else self.cfg.backoff_initial_s
+        clock = StreamClock(self.cfg.frame_age_limit_s)
+        pacer = self._pacer(source)
+        failures = 0
         try:
             while self._current(gen):
                 if source is None:
                     source = self._reopen(gen, delay)
+                    delay = min(max(delay * 2, self.cfg.backoff_initial_s), self.cfg.backoff_max_s)
                     if source is None:
-                        delay = min(delay * 2, self.cfg.backoff_max_s)
                         continue
-                    period = self._file_period(source)
+                    clock.reset()
+                    pacer = self._pacer(source)
                 ok, image = source.read()
                 if not self._current(gen):
                     break
                 if not ok or image is None:
+                    failures += 1
+                    if not self.live and failures < self.cfg.max_read_failures:
+                        continue  # a damaged stretch of a file: skip ahead
                     source.release()
                     source = None
+                    self._set_connected(False)
                     if not self._source_ended(gen):
                         break
                     continue
+                if failures and not self.live:
+                    self._metrics.frames_failed.labels(reason="read_error").inc(failures)
+                    self._log.warning("video_file_frames_unreadable", skipped=failures)
+                failures = 0
                 delay = self.cfg.backoff_initial_s
-                self._deliver(gen, image)
-                if not self.live:
-                    self._pace(gen, period)
+                pts = stream_seconds(source)
+                if pacer is not None:
+                    produced: float | None = pacer.deadline(pts)
+                    self._stop.wait(max(0.0, produced - self._clock()))
+                elif self.live:
+                    produced = clock.observe(pts, self._clock(), image)
+                    if produced is None:
+                        self._metrics.frames_stale.inc()
+                        continue
+                else:
+                    produced = self._clock()
+                self._deliver(gen, image, produced)
+                if not self.live and pacer is None:
+                    self._wait_for_consumer(gen)
         finally:
             if source is not None:
                 source.release()
+
+    def _pacer(self, source: VideoSource | None) -> FilePacer | None:
+        if self.live or not self.cfg.realtime or source is None:
+            return None
+        return FilePacer(source.get(cv2.CAP_PROP_FPS) or 0.0, self._clock)
 
     def _source_ended(self, gen: int) -> bool:
         """A read failed. Returns True to reopen, False when the stream is over."""
@@ -260,62 +460,75 @@ class FrameGrabber:
         return True
 
     def _reopen(self, gen: int, delay: float) -> VideoSource | None:
-        """One reopen attempt after ``delay`` (live sources). Stays 'reconnecting' until one succeeds."""
+        """One open attempt after ``delay``. Stays 'reconnecting' until one succeeds."""
         self._reconnecting = True
-        if self.live and self._stop.wait(delay):
+        if self.live and delay > 0 and self._stop.wait(delay):
             return None
         if not self._current(gen):
             return None
         try:
-            source = self._opener(self.cfg)
+            source = self._open()
         except Exception as e:  # loop boundary: any open failure means "try again later"
-            self._log.warning(
-                "camera_reopen_failed", error=str(e), retry_in_s=min(delay * 2, self.cfg.backoff_max_s)
-            )
+            retry = min(max(delay * 2, self.cfg.backoff_initial_s), self.cfg.backoff_max_s)
+            event = "camera_reopen_failed" if self.delivered else "camera_waiting"
+            self._log.warning(event, error=str(e), retry_in_s=round(retry, 2))
             if not self.live:  # a file that vanished does not come back on its own
                 with self._cond:
                     self.finished = True
                     self._cond.notify_all()
             return None
+        if not self._current(gen):  # stopped or superseded while the open hung
+            source.release()
+            return None
         if self.live:
-            self._log.info("camera_reconnected")
+            self._log.info("camera_connected" if not self.delivered else "camera_reconnected")
         with self._cond:
             self._last_progress = self._clock()
             self._reconnecting = False
+        self._set_connected(True)
         return source
 
-    def _deliver(self, gen: int, image: np.ndarray) -> None:
-        captured, wall = self._clock(), time.time()
-        prepared, error, seconds = None, None, 0.0
-        prepare = self.prepare
+    def _open(self) -> VideoSource:
+        source = self._opener(self.cfg)
+        if self._admit is not None:
+            width, height = int(source.get(cv2.CAP_PROP_FRAME_WIDTH)), int(source.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if width > 0 and height > 0:
+                try:
+                    self._admit(width, height)
+                except Exception:
+                    source.release()
+                    raise
+        return source
+
+    def _deliver(self, gen: int, image: np.ndarray, produced: float) -> None:
+        now, wall = self._clock(), time.time()
+        smaller = fit_within(image, self.cfg.max_frame_width, self.cfg.max_frame_height)
+        if smaller is not None:
+            image = smaller
+            self._metrics.frames_downscaled.inc()
+        prepared = None
+        prepare, generation = self._prepare, self._prepare_generation
         if prepare is not None:
+            t0 = self._clock()
             try:
-                prepared = prepare(image)
+                prepared = Prepared(prepare(image), 0.0, None, generation)
             except Exception as e:  # thread boundary: a bad frame must not end the grabber
-                error = f"{type(e).__name__}: {e}"
-            seconds = max(0.0, self._clock() - captured)
+                prepared = Prepared(None, 0.0, f"{type(e).__name__}: {e}", generation)
+            prepared = Prepared(prepared.tensor, max(0.0, self._clock() - t0), prepared.error, generation)
         with self._cond:
-            frame = Frame(image, self._next_id, captured, wall, prepared, seconds, error, prepare)
             if gen != self._generation:
                 return
+            frame = Frame(image, self._next_id, produced, wall - (now - produced), prepared)
             if not self._consumed:
                 self._metrics.frames_dropped.inc()
             self._latest, self._consumed = frame, False
             self._next_id += 1
-            self._last_progress = frame.captured_mono
+            self._last_progress = max(self._last_progress, produced)
+            self.delivered = True
             self._cond.notify_all()
 
-    def _file_period(self, source: VideoSource) -> float | None:
-        if self.live or not self.cfg.realtime:
-            return None
-        fps = source.get(cv2.CAP_PROP_FPS) or 0.0
-        return 1.0 / fps if fps > 0 else None
-
-    def _pace(self, gen: int, period: float | None) -> None:
-        """Files: either as a camera would (realtime) or one frame per consumer request."""
-        if period is not None:
-            self._stop.wait(period)
-            return
+    def _wait_for_consumer(self, gen: int) -> None:
+        """Files without pacing: one frame per consumer request, none dropped."""
         with self._cond:
             while not self._consumed and self._current(gen):
                 self._cond.wait(0.25)

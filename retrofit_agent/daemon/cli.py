@@ -1,7 +1,8 @@
 """Command line and composition root.
 
-``retrofit-agent [flags]`` runs the daemon; ``retrofit-agent tail|schema|sample-clip``
-are helper subcommands. This is the only place that parses argv, reads the environment,
+``retrofit-agent [run] [flags]`` runs the daemon; the other subcommands (``SUBCOMMANDS``:
+tail, schema, keys, sign-bundle, sample-clip) are helpers, dispatched here by hand so that
+the daemon's own flags need no subcommand. This is the only place that parses argv, reads the environment,
 configures logging, installs signal handlers and wires components together.
 """
 
@@ -11,8 +12,9 @@ import argparse
 import os
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -31,16 +33,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _fail(err: RetrofitError) -> int:
-    sys.stderr.write(f"{PROG}: error: {err}\n")
+def _fail(err: RetrofitError, prog: str = PROG) -> int:
+    sys.stderr.write(f"{prog}: error: {err}\n")
     return err.exit_code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- run
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Real-time zero-shot image labelling on an in-car camera.")
+    p = _Parser(
+        prog=PROG, usage="%(prog)s [run] [OPTIONS]\n       %(prog)s COMMAND [ARGS]",
+        description="Real-time zero-shot image labelling on an in-car camera. Without a COMMAND (or with "
+        "'run') it runs the daemon with the options below.",
+        epilog=_commands_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", type=Path, help="TOML config file (default: $RETROFIT_CONFIG)")
     p.add_argument("--camera", dest="camera.source", metavar="SOURCE",
@@ -59,9 +86,17 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-metrics", dest="metrics.enabled", action="store_false", default=None,
                    help="do not serve /metrics")
     p.add_argument("--max-frames", dest="max_frames", type=int, metavar="N", help="stop after N processed frames")
-    p.add_argument("--log-format", dest="log.format", choices=("json", "console"))
-    p.add_argument("--log-level", dest="log.level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", dest="log.format", choices=("auto", "json", "console"),
+                   help="log lines on stderr: console for a terminal, json lines otherwise (auto, the default)")
+    p.add_argument("--log-level", dest="log.level", choices=("debug", "info", "warning", "error"),
+                   help="minimum log level (default: info)")
     return p
+
+
+def _commands_epilog() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [f"  {name:{width}}  {cmd.help}" for name, cmd in SUBCOMMANDS.items()]
+    return "commands:\n" + "\n".join(lines) + f"\n\n'{PROG} COMMAND --help' shows a command's options."
 
 
 def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
@@ -73,19 +108,26 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
     except RetrofitError as e:
         return _fail(e)
     from retrofit_agent.contract.logs import configure_logging
+    from retrofit_agent.daemon.native_logs import NativeStderr
 
-    configure_logging(cfg.log.format, cfg.log.level)
+    # OpenCV/FFmpeg write to fd 2 from C: route that into structured events, and our own
+    # logs to a copy of the original stderr.
+    native = NativeStderr()
+    configure_logging(cfg.log.format, cfg.log.level, native.start())
     try:
         # SIGHUP re-reads the same sources: the file (changed on disk), environment and flags.
         return _run_daemon(cfg, lambda: load_config(config_file, environ, args))
     except RetrofitError as e:
         return _fail(e)
+    finally:
+        native.stop()
 
 
 def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> int:
     # Imported here so `retrofit-agent tail` and `--help` stay fast and light.
     from retrofit_agent.daemon.agent import Agent, AgentIO
     from retrofit_agent.daemon.capture import FrameGrabber, camera_id
+    from retrofit_agent.daemon.budget import check_memory_budget
     from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
     from retrofit_agent.daemon.metrics import AgentMetrics, serve_metrics
     from retrofit_agent.daemon.pipeline import build_pipeline
@@ -99,6 +141,7 @@ def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> i
     stop.install()
     notifier = SystemdNotifier()
     metrics = AgentMetrics.create(CollectorRegistry(auto_describe=True))
+    _preflight(cfg)
     log.info("agent_starting", version=__version__, source_kind=cfg.camera.kind, bundle=str(cfg.model.bundle))
     with ExitStack() as stack:
         stack.callback(notifier.close)
@@ -106,16 +149,12 @@ def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> i
         # the model loads instead of missing the first frames.
         publisher = Publisher(cfg.publish, metrics)
         stack.callback(publisher.close)
-        log.info("publishing", endpoint=publisher.endpoint, curve=publisher.encrypted)
-        if not is_loopback_endpoint(cfg.publish.endpoint):
-            log.warning("publishing_beyond_loopback", endpoint=cfg.publish.endpoint, curve=publisher.encrypted)
+        metrics_port = None
         if cfg.metrics.enabled:
             server, _ = serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port)
             stack.callback(server.server_close)
             stack.callback(server.shutdown)
-            log.info("metrics_serving", address=f"{cfg.metrics.host}:{server.server_port}")
-            if not is_loopback_host(cfg.metrics.host):
-                log.warning("metrics_beyond_loopback", address=cfg.metrics.address)
+            metrics_port = server.server_port
 
         def build(c: AgentConfig):
             p = build_pipeline(c, log)
@@ -123,10 +162,24 @@ def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> i
             return p
 
         pipeline = build(cfg)
+        # Logged once the bundle loaded, so that a bad bundle's error line follows only agent_starting.
+        log.info("publishing", endpoint=publisher.endpoint, curve=publisher.encrypted)
+        if not is_loopback_endpoint(cfg.publish.endpoint):
+            log.warning("publishing_beyond_loopback", endpoint=cfg.publish.endpoint, curve=publisher.encrypted)
+        if metrics_port is not None:
+            log.info("metrics_serving", address=f"{cfg.metrics.host}:{metrics_port}")
+            if not is_loopback_host(cfg.metrics.host):
+                log.warning("metrics_beyond_loopback", address=cfg.metrics.address)
+        need = check_memory_budget(cfg, pipeline.bundle.model_path.stat().st_size)  # before any source
+        log.info("memory_budget", worst_case_mb=round(need.total / 2**20), parts=need.describe())
         m = pipeline.bundle.manifest
         metrics.set_model(m.model_id, m.version, m.trained, camera)
         collector = _start_collector(cfg, pipeline, metrics, camera, stack)
-        grabber = FrameGrabber(cfg.camera, metrics, prepare=pipeline.prepare)
+        model_bytes = pipeline.bundle.model_path.stat().st_size
+        grabber = FrameGrabber(
+            cfg.camera, metrics, admit=lambda w, h: check_memory_budget(cfg, model_bytes, source=(w, h))
+        )
+        grabber.set_preparer(pipeline.prepare, pipeline.generation)
         grabber.start()
         stack.callback(grabber.stop)
         reloader = Reloader(reload_config, build, on_result=lambda r: metrics.reloads.labels(result=r).inc())
@@ -142,6 +195,24 @@ def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> i
         processed = metrics.registry.get_sample_value("retrofit_frames_processed_total")
         log.info("agent_stopped", reason=stop.reason or "finished", frames_processed=int(processed or 0))
         return code
+
+
+def _preflight(cfg: AgentConfig) -> None:
+    """Refuse, before any log line, binding or model load, what no waiting can fix: an
+    unusable source kind, a missing or unreadable video file, a missing or invalid bundle
+    manifest, campaigns naming tags the manifest does not have. (A live camera that is not
+    there yet is waited for.)"""
+    from retrofit_agent.contract.bundle import read_manifest
+    from retrofit_agent.daemon.capture import check_source, open_source, resolve_kind
+
+    check_source(cfg.camera)
+    if resolve_kind(cfg.camera) == "file":
+        open_source(cfg.camera).release()
+    bank = read_manifest(Path(cfg.model.bundle)).bank  # a missing or invalid bundle; hashes are checked at load
+    if cfg.collect.campaigns:
+        from retrofit_agent.daemon.collect.collector import check_campaign_tags
+
+        check_campaign_tags(cfg.collect, {f"{g.name}.{lab.name}" for g in bank.groups for lab in g.labels})
 
 
 def _check_campaigns(cfg: AgentConfig, pipeline) -> None:
@@ -170,102 +241,200 @@ def _start_collector(cfg: AgentConfig, pipeline, metrics, camera: str, stack: Ex
 # --------------------------------------------------------------------------- helpers
 
 
-def tail_main(argv: Sequence[str]) -> int:
+def tail_parser() -> argparse.ArgumentParser:
     from retrofit_agent.contract.messages import TOPICS
-    from retrofit_agent.daemon.tail import tail
 
-    p = _Parser(prog=f"{PROG} tail", description="Print what a running daemon publishes.")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="daemon's PUB endpoint")
+    p = _Parser(prog=f"{PROG} tail", description="Print what a running daemon publishes. Says on stderr what "
+                "it waits for, and once if nothing arrives within 5 s.")
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5556",
+                   help="the daemon's PUB endpoint (its publish.endpoint; default: %(default)s)")
     p.add_argument("--topic", action="append", choices=TOPICS, help="topic to show (repeatable; default: all)")
-    p.add_argument("--count", type=int, help="exit after this many messages")
-    p.add_argument("--timeout", type=float, help="exit after this many seconds")
+    p.add_argument("--count", type=_positive_int, help="exit 0 after this many messages")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                   help="exit 1 with a one-line reason after this many seconds")
     p.add_argument("--json", action="store_true", help="print raw JSON payloads")
+    p.add_argument("--summary", action="store_true",
+                   help="at exit, print per group how many frames each label was the top label and a tag")
+    p.add_argument("--legend", type=Path, metavar="BUNDLE",
+                   help="first print what this bundle is (trained or not, its labels) and how to read the lines")
     p.add_argument("--curve-client-cert", type=Path, help="this subscriber's CURVE certificate (.key_secret)")
     p.add_argument("--curve-server-key", type=Path, help="the daemon's public CURVE certificate (.key)")
+    return p
+
+
+def tail_main(argv: Sequence[str]) -> int:
+    import signal
+
+    from retrofit_agent.contract.messages import TOPICS
+    from retrofit_agent.daemon.tail import TailOptions, tail
+
+    p = tail_parser()
     a = p.parse_args(argv)
     if (a.curve_client_cert is None) != (a.curve_server_key is None):
         p.error("--curve-client-cert and --curve-server-key go together")
     curve = (a.curve_client_cert, a.curve_server_key) if a.curve_client_cert else None
+    opts = TailOptions(a.endpoint, tuple(a.topic or TOPICS), a.count, a.timeout, a.json, curve, summary=a.summary)
+    if a.legend is not None:
+        from retrofit_agent.contract.bundle import read_manifest
+        from retrofit_agent.daemon.tail import legend
+
+        try:
+            sys.stdout.write("\n".join(legend(read_manifest(a.legend), a.legend)) + "\n\n")
+        except RetrofitError as e:
+            return _fail(e, p.prog)
+        sys.stdout.flush()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` ends it like Ctrl-C: the summary still prints
     try:
-        return tail(a.endpoint, a.topic or list(TOPICS), a.count, a.timeout, a.json, curve=curve)
+        return tail(opts)
     except RetrofitError as e:
-        return _fail(e)
+        return _fail(e, p.prog)
+
+
+def keys_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} keys",
+        description="Generate CURVE certificates or Ed25519 bundle-signing keys. Existing key files are never "
+        "replaced without --force; secret files are created with mode 0600 and moved into place atomically. "
+        "Prints the public key's fingerprint: 'sha256:' and the first 16 hex digits of the sha256 of the raw "
+        "32-byte public key.",
+    )
+    p.add_argument("kind", choices=("curve", "signing"),
+                   help="curve: NAME.key + NAME.key_secret (ZeroMQ CURVE); signing: NAME.ed25519.pub.pem + "
+                   "NAME.ed25519.pem (bundle signatures)")
+    p.add_argument("directory", type=Path, help="where to write the key files (created if missing)")
+    p.add_argument("--name", default="retrofit-agent", type=_key_name,
+                   help="file name stem: letters, digits, '.', '_', '-' (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    return p
+
+
+def _key_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_' or '-', got {text!r}")
+    return text
 
 
 def keys_main(argv: Sequence[str]) -> int:
     from retrofit_agent.contract.signing import generate_signing_keys
     from retrofit_agent.daemon.curve import generate_curve_keys
 
-    p = _Parser(prog=f"{PROG} keys", description="Generate CURVE certificates or Ed25519 bundle-signing keys.")
-    p.add_argument("kind", choices=("curve", "signing"))
-    p.add_argument("directory", type=Path)
-    p.add_argument("--name", default="retrofit-agent", help="file name stem")
+    p = keys_parser()
     a = p.parse_args(argv)
     make = generate_curve_keys if a.kind == "curve" else generate_signing_keys
-    public, secret = make(a.directory, a.name)
-    sys.stdout.write(f"public: {public}\nsecret: {secret}\n")
+    try:
+        public, secret, fingerprint = make(a.directory, a.name, force=a.force)
+    except RetrofitError as e:
+        return _fail(e, p.prog)
+    sys.stdout.write(f"public: {public}\nsecret: {secret}\nfingerprint: {fingerprint}\n")
     return 0
+
+
+def sign_bundle_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} sign-bundle", description="Sign a bundle's manifest with an Ed25519 private key "
+                "(writes manifest.json.sig); a bundle that does not verify is refused.")
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM, from 'keys signing')")
+    return p
 
 
 def sign_bundle_main(argv: Sequence[str]) -> int:
     from retrofit_agent.contract.bundle import load_bundle
     from retrofit_agent.contract.signing import sign_bundle
 
-    p = _Parser(prog=f"{PROG} sign-bundle", description="Sign a bundle's manifest with an Ed25519 private key.")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    p = sign_bundle_parser()
     a = p.parse_args(argv)
     try:
         load_bundle(a.bundle)  # never sign a bundle that does not verify
         out = sign_bundle(a.bundle, a.key)
     except RetrofitError as e:
-        return _fail(e)
-    except (OSError, ValueError) as e:
-        return _fail(ConfigError(f"cannot sign {a.bundle} with {a.key}: {e}"))
+        return _fail(e, p.prog)
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not PEM, or a passphrase-protected key
+        return _fail(ConfigError(f"cannot sign {a.bundle} with {a.key}: {e}"), p.prog)
     sys.stdout.write(f"{out}\n")
     return 0
+
+
+def schema_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} schema", description="Print the JSON Schema of published messages.")
+    p.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    return p
 
 
 def schema_main(argv: Sequence[str]) -> int:
     from retrofit_agent.contract.messages import json_schema_text
 
-    p = _Parser(prog=f"{PROG} schema", description="Print the JSON Schema of published messages.")
-    p.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    p = schema_parser()
     a = p.parse_args(argv)
     text = json_schema_text()
-    if a.output:
-        a.output.write_text(text, encoding="utf-8")
-    else:
+    if not a.output:
         sys.stdout.write(text)
+        return 0
+    try:
+        a.output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        return _fail(ConfigError(f"--output: cannot write {a.output}: {e.strerror or e}"), p.prog)
     return 0
+
+
+def sample_clip_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} sample-clip", description="Write the synthetic sample driving clip (MPEG-4).")
+    p.add_argument("output", type=_video_path, help="video file to write: NAME.mp4 or NAME.avi")
+    p.add_argument("--frames", type=_positive_int, default=150, help="number of frames (default: %(default)s)")
+    p.add_argument("--fps", type=_positive_float, default=15.0, help="frame rate (default: %(default)s)")
+    return p
+
+
+def _video_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in (".mp4", ".avi"):  # what OpenCV's MPEG-4 writer takes everywhere
+        raise argparse.ArgumentTypeError(f"expected a .mp4 or .avi file name, got {text!r}")
+    return path
 
 
 def sample_clip_main(argv: Sequence[str]) -> int:
     from retrofit_agent.contract.sample import write_clip
 
-    p = _Parser(prog=f"{PROG} sample-clip", description="Write the synthetic sample driving clip.")
-    p.add_argument("output", type=Path)
-    p.add_argument("--frames", type=int, default=150)
-    p.add_argument("--fps", type=float, default=15.0)
+    p = sample_clip_parser()
     a = p.parse_args(argv)
-    write_clip(a.output, a.frames, a.fps)
+    try:
+        write_clip(a.output, a.frames, a.fps)
+    except RetrofitError as e:
+        return _fail(e, p.prog)
+    except OSError as e:
+        return _fail(ConfigError(f"cannot write {a.output}: {e.strerror or e}"), p.prog)
     sys.stdout.write(f"{a.output}\n")
     return 0
 
 
-SUBCOMMANDS: dict[str, Any] = {
-    "tail": tail_main,
-    "schema": schema_main,
-    "sample-clip": sample_clip_main,
-    "keys": keys_main,
-    "sign-bundle": sign_bundle_main,
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    parser: Callable[[], argparse.ArgumentParser]
+    main: Callable[[Sequence[str]], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "run": Subcommand("run the daemon (the default when no command is given)", run_parser, lambda argv: run(argv)),
+    "tail": Subcommand("print what a running daemon publishes", tail_parser, tail_main),
+    "schema": Subcommand("print the JSON Schema of published messages", schema_parser, schema_main),
+    "sample-clip": Subcommand("write the synthetic sample driving clip", sample_clip_parser, sample_clip_main),
+    "keys": Subcommand("generate CURVE certificates or Ed25519 bundle-signing keys", keys_parser, keys_main),
+    "sign-bundle": Subcommand("sign a bundle's manifest with an Ed25519 key", sign_bundle_parser, sign_bundle_main),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    if argv and argv[0] == "run":
-        argv = argv[1:]
+        return SUBCOMMANDS[argv[0]].main(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        sys.stderr.write(f"{PROG}: error: unknown command {argv[0]!r} (commands: {', '.join(SUBCOMMANDS)}; "
+                         "see --help)\n")
+        return 2
     return run(argv)

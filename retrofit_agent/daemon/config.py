@@ -54,6 +54,21 @@ class CameraConfig(_Section):
     )
     backoff_initial_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles per failure.")
     backoff_max_s: float = Field(30.0, gt=0, description="Upper bound of the reconnect delay.")
+    max_frame_age_s: float = Field(
+        1.0,
+        gt=0,
+        description="A live frame that arrives this much later than its stream timestamp says (a frozen "
+        "stream's buffer) is stale: dropped, counted, and not progress. Capped at stall_timeout_s / 2.",
+    )
+    max_read_failures: int = Field(
+        25, ge=1, description="Consecutive unreadable frames a video file skips before it counts as ended."
+    )
+    max_frame_width: int = Field(
+        1920, ge=64, description="Larger frames are downscaled (aspect kept) at capture, bounding memory."
+    )
+    max_frame_height: int = Field(
+        1080, ge=64, description="Larger frames are downscaled (aspect kept) at capture, bounding memory."
+    )
 
     @field_validator("fourcc")
     @classmethod
@@ -61,6 +76,11 @@ class CameraConfig(_Section):
         if v is not None and len(v) != 4:
             raise ValueError(f"a FOURCC has exactly 4 characters, got {v!r}")
         return v
+
+    @property
+    def frame_age_limit_s(self) -> float:
+        """max_frame_age_s, capped at half the stall timeout so stale frames can never hide a stall."""
+        return min(self.max_frame_age_s, self.stall_timeout_s / 2)
 
 
 class ModelConfig(_Section):
@@ -129,8 +149,19 @@ class PublishConfig(_Section):
     @field_validator("endpoint")
     @classmethod
     def _transport(cls, v: str) -> str:
-        if not v.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"endpoint must start with tcp://, ipc:// or inproc://, got {v!r}")
+        if v.startswith("inproc://"):
+            raise ValueError("inproc:// is reachable only inside the daemon's process; use tcp:// or ipc://")
+        if v.startswith("ipc://"):
+            if len(v) == len("ipc://"):
+                raise ValueError("ipc:// needs a socket path")
+            return v
+        if not v.startswith("tcp://"):
+            raise ValueError(f"endpoint must start with tcp:// or ipc://, got {v!r}")
+        host, sep, port = v[len("tcp://") :].rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"a tcp endpoint is tcp://HOST:PORT, got {v!r}")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"the port of {v!r} must be within 1-65535")
         return v
 
 
@@ -144,8 +175,10 @@ class MetricsConfig(_Section):
     @classmethod
     def _host_port(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if not sep or not host or not port.isdigit():
             raise ValueError(f"address must be host:port, got {v!r}")
+        if int(port) > 65535:
+            raise ValueError(f"the port of {v!r} must be within 0-65535 (0 picks a free one)")
         return v
 
     @property
@@ -217,6 +250,17 @@ class StoreConfig(_Section):
     queue_size: int = Field(
         64, ge=1, description="Frames waiting for the writer thread; beyond it captures are skipped and counted."
     )
+    queue_max_bytes: int = Field(
+        64 * 1024**2,
+        ge=1024**2,
+        description="Bytes of frames waiting for the writer thread; beyond it captures are skipped and counted.",
+    )
+    ring_max_bytes: int = Field(
+        32 * 1024**2,
+        ge=1024**2,
+        description="Bytes of the pre-trigger ring (frames kept JPEG-encoded for frames_before); past it the "
+        "oldest go first.",
+    )
     disk_full_retry_s: float = Field(
         5.0, gt=0, description="While the disk is full, how often to try writing again."
     )
@@ -247,6 +291,15 @@ class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum log level.")
 
 
+class LimitsConfig(_Section):
+    memory_mb: int | None = Field(
+        None,
+        gt=0,
+        description="Memory the daemon may use; the config is refused at start-up if its frame buffers cannot "
+        "fit. Unset: the service's cgroup limit (the unit's MemoryMax), or no check outside one.",
+    )
+
+
 class AgentConfig(_Section):
     camera: CameraConfig = Field(default_factory=CameraConfig, description="Frame source.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model bundle and runtime.")
@@ -255,6 +308,7 @@ class AgentConfig(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Image collection campaigns.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Resource budgets checked at start-up.")
     max_frames: int | None = Field(
         None, gt=0, description="Stop after this many processed frames (demos, tests)."
     )
@@ -276,15 +330,57 @@ def load_config(
     environ = {} if environ is None else environ
     if config_file is None and environ.get(ENV_CONFIG_FILE):
         config_file = Path(environ[ENV_CONFIG_FILE])
-    data: dict[str, Any] = read_toml(config_file) if config_file is not None else {}
-    data = deep_merge(data, env_overrides(environ, ENV_PREFIX, skip=(ENV_CONFIG_FILE,)))
+    file_origin = f"config ({config_file})" if config_file else "config"
     flag_tree: dict[str, Any] = {}
     for dotted, value in (flags or {}).items():
         if value is not None:
             set_path(flag_tree, dotted.split("."), value, origin=f"--{dotted}")
-    data = deep_merge(data, flag_tree)
+    layers = [
+        (file_origin, read_toml(config_file) if config_file is not None else {}),
+        ("environment", env_overrides(environ, ENV_PREFIX, skip=(ENV_CONFIG_FILE,))),
+        ("flags", flag_tree),
+    ]
+    data: dict[str, Any] = {}
+    for _, tree in layers:
+        data = deep_merge(data, tree)
     try:
-        return AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(data)
     except ValidationError as e:
-        origin = f"config ({config_file})" if config_file else "config"
-        raise ConfigError(format_validation_error(e, origin)) from None
+        raise ConfigError(format_validation_error(e, file_origin)) from None
+    _check_shadowed_values(layers)
+    return cfg
+
+
+def _paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    out = set()
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        out.add(path)
+        if isinstance(value, Mapping):
+            out |= _paths(value, path)
+    return out
+
+
+def _check_shadowed_values(layers: list[tuple[str, dict[str, Any]]]) -> None:
+    """An invalid value is an error even when a later source overrides it.
+
+    The merged config can be valid only because a flag replaced a bad file or environment
+    value; that bad value would bite the day the flag is dropped, so it is refused now.
+    Each source is validated on top of the ones before it; only errors at paths that a
+    later source overrides are reported (the rest the merged validation already judged).
+    """
+    data: dict[str, Any] = {}
+    for i, (origin, tree) in enumerate(layers[:-1]):
+        data = deep_merge(data, tree)
+        later = set().union(*(_paths(t) for _, t in layers[i + 1 :]))
+        if not tree or not later:
+            continue
+        try:
+            AgentConfig.model_validate(data)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = tuple(str(x) for x in err["loc"])
+                shadowed = any(loc[: len(p)] == p or p[: len(loc)] == loc for p in later)
+                if err["type"] != "missing" and shadowed:
+                    single = ValidationError.from_exception_data(e.title, [err])  # type: ignore[list-item]
+                    raise ConfigError(format_validation_error(single, origin) + " (overridden, but still invalid)") from None

@@ -33,6 +33,10 @@ class AgentMetrics:
     frames_dropped: Counter
     frames_failed: Counter
     camera_reconnects: Counter
+    frames_stale: Counter
+    frames_downscaled: Counter
+    camera_connected: Gauge
+    seconds_since_frame: Gauge
     publish_errors: Counter
     messages_published: Counter
     last_frame_timestamp: Gauge
@@ -69,6 +73,21 @@ class AgentMetrics:
             camera_reconnects=Counter(
                 p + "camera_reconnects", "Times the source was reopened after a failure or stall.", registry=registry
             ),
+            frames_stale=Counter(
+                p + "frames_stale",
+                "Frames a live source re-delivered or delivered too late (a frozen stream's buffer), dropped.",
+                registry=registry,
+            ),
+            frames_downscaled=Counter(
+                p + "frames_downscaled", "Frames larger than camera.max_width x max_height, downscaled at capture.",
+                registry=registry,
+            ),
+            camera_connected=Gauge(p + "camera_connected", "1 while the source is open.", registry=registry),
+            seconds_since_frame=Gauge(
+                p + "seconds_since_frame",
+                "Seconds since the source last delivered a fresh frame (since start-up before the first one).",
+                registry=registry,
+            ),
             publish_errors=Counter(p + "publish_errors", "Messages that could not be sent.", registry=registry),
             messages_published=Counter(
                 p + "messages_published", "Messages sent, by topic.", ["topic"], registry=registry
@@ -99,7 +118,7 @@ class AgentMetrics:
             m.stage_seconds.labels(stage=stage)
         for topic in ("tags", "events", "status", "captures"):
             m.messages_published.labels(topic=topic)
-        for reason in ("bad_frame", "inference_error"):
+        for reason in ("bad_frame", "inference_error", "read_error"):
             m.frames_failed.labels(reason=reason)
         for result in ("ok", "failed"):
             m.reloads.labels(result=result)

@@ -46,7 +46,8 @@ def make_agent(tmp_path: Path, frames, reference_bundle: Path):
     })
     metrics = AgentMetrics.create(CollectorRegistry())
     pipeline = build_pipeline(cfg, structlog.get_logger())
-    grabber = FrameGrabber(cfg.camera, metrics, opener=lambda c: ListSource(frames), prepare=pipeline.prepare)
+    grabber = FrameGrabber(cfg.camera, metrics, opener=lambda c: ListSource(frames))
+    grabber.set_preparer(pipeline.prepare, pipeline.generation)
     publisher = Publisher(cfg.publish, metrics)
     agent = Agent(cfg, pipeline, AgentIO(grabber, publisher, metrics, SystemdNotifier({}), StopSignal()), "test")
     return agent, metrics

@@ -179,10 +179,11 @@ def test_bank_from_other_teacher_exits_2(clip: Path, bundle_copy: Path, tmp_path
     assert_one_line_exit_2(r, "ViT-L-14/openai", "rebuild the bank")
 
 
-def test_unopenable_camera_exits_2(reference_bundle: Path, tmp_path: Path):
-    r = run_cli("--camera", "/dev/video97", "--bundle", str(reference_bundle), "--no-metrics",
+def test_missing_video_file_exits_2(reference_bundle: Path, tmp_path: Path):
+    # A file does not appear by waiting (a camera does: tests/daemon/test_camera_life.py).
+    r = run_cli("--camera", str(tmp_path / "nope.mp4"), "--bundle", str(reference_bundle), "--no-metrics",
                 "--publish", f"ipc://{tmp_path}/x.sock")
-    assert_one_line_exit_2(r, "/dev/video97")
+    assert_one_line_exit_2(r, "nope.mp4")
 
 
 def test_metrics_port_in_use_exits_2(clip: Path, reference_bundle: Path, tmp_path: Path):

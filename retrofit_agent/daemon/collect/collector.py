@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -32,17 +32,50 @@ log = structlog.get_logger("retrofit_agent.daemon.collect")
 SIDECAR_SCHEMA_VERSION = 1
 
 
+Encoding = tuple[int, int | None]  # (JPEG quality, max width): how a campaign saves frames
+
+
+@dataclass(frozen=True)
+class Encoded:
+    jpeg: bytes
+    width: int
+    height: int
+
+
+def encode(image: np.ndarray, how: Encoding) -> Encoded:
+    """A frame as a campaign saves it: downscaled to its max width, JPEG at its quality."""
+    quality, max_width = how
+    if max_width and image.shape[1] > max_width:
+        h = max(1, round(image.shape[0] * max_width / image.shape[1]))
+        image = cv2.resize(image, (max_width, h), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return Encoded(buf.tobytes(), int(image.shape[1]), int(image.shape[0]))
+
+
 @dataclass(frozen=True)
 class FrameRecord:
-    """A processed frame as the collector sees it."""
+    """A processed frame as the collector sees it.
 
-    image: np.ndarray
+    In the pre-trigger ring the raw ``image`` is dropped and only ``encoded`` (JPEG, as each
+    pre-trigger campaign saves it) is kept, so the ring's memory is bounded in bytes: 30
+    raw 4K frames would be 750 MB, 30 JPEGs a few MB.
+    """
+
+    image: np.ndarray | None
     frame_id: int
     seq: int  # seq of its tags message
     captured_wall: float
     captured_mono: float
     tags: dict[str, float]  # tags that are on → score
     top: dict[str, tuple[str, float]]  # group → (best label, score)
+    encoded: dict[Encoding, Encoded] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        raw = self.image.nbytes if self.image is not None else 0
+        return raw + sum(len(e.jpeg) for e in self.encoded.values())
 
 
 @dataclass(frozen=True)
@@ -106,7 +139,10 @@ class Collector:
         self.store = store or CaptureStore(cfg.store.directory, cfg.store.max_bytes, cfg.store.max_files)
         self._runs: dict[str, _CampaignRun] = {}
         self._ring: deque[FrameRecord] = deque(maxlen=1)
+        self._ring_encodings: set[Encoding] = set()
         self._jobs: queue.Queue[CaptureJob | None] = queue.Queue(maxsize=cfg.store.queue_size)
+        self._queued_bytes = 0
+        self._queued_lock = threading.Lock()
         self._saved: queue.SimpleQueue[SavedCapture] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -147,8 +183,9 @@ class Collector:
                 self._metrics.captures_skipped.labels(campaign=c.name, reason=reason)
             self._metrics.captures_saved.labels(campaign=c.name)
             self._metrics.captures_evicted.labels(campaign=c.name)
-        depth = max([c.frames_before for c in campaigns], default=0) + 1
-        self._ring = deque(self._ring, maxlen=depth)
+        depth = max([c.frames_before for c in campaigns], default=0)
+        self._ring = deque(self._ring, maxlen=max(depth, 1))
+        self._ring_encodings = {(c.jpeg_quality, c.max_width) for c in campaigns if c.frames_before}
 
     def set_model(self, model_id: str, version: str) -> None:
         self.model_id, self.model_version = model_id, version
@@ -163,7 +200,16 @@ class Collector:
                 self._trigger(run, record)
             elif decision is Decision.RATE_LIMITED:
                 self._metrics.captures_skipped.labels(campaign=name, reason="rate_limited").inc()
-        self._ring.append(record)
+        if self._ring_encodings:
+            self._remember(record)
+
+    def _remember(self, record: FrameRecord) -> None:
+        """Keep the frame for later triggers, encoded, in a ring bounded in frames and bytes."""
+        encoded = {how: encode(record.image, how) for how in self._ring_encodings if record.image is not None}
+        self._ring.append(replace(record, image=None, encoded=encoded))
+        total = sum(r.nbytes for r in self._ring)
+        while len(self._ring) > 1 and total > self.cfg.store.ring_max_bytes:
+            total -= self._ring.popleft().nbytes
 
     def drain_saved(self) -> list[SavedCapture]:
         out = []
@@ -194,9 +240,16 @@ class Collector:
         if job.record.frame_id <= run.last_saved_frame:
             return  # already kept for this campaign (overlapping windows)
         run.last_saved_frame = job.record.frame_id
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
+        size = job.record.nbytes
+        with self._queued_lock:
+            full = self._queued_bytes + size > self.cfg.store.queue_max_bytes
+            if not full:
+                try:
+                    self._jobs.put_nowait(job)
+                    self._queued_bytes += size
+                except queue.Full:
+                    full = True
+        if full:
             self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="queue_full").inc()
 
     # ------------------------------------------------------------------ writer thread
@@ -220,6 +273,8 @@ class Collector:
                 if self._stop.is_set():
                     return
                 continue
+            with self._queued_lock:
+                self._queued_bytes -= job.record.nbytes
             if self.disk_full and now < retry_at:
                 self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="disk_full").inc()
                 continue
@@ -238,14 +293,15 @@ class Collector:
 
     def _save(self, job: CaptureJob) -> None:
         c, r = job.campaign, job.record
-        image = r.image
-        if c.max_width and image.shape[1] > c.max_width:
-            h = max(1, round(image.shape[0] * c.max_width / image.shape[1]))
-            image = cv2.resize(image, (c.max_width, h), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, c.jpeg_quality])
-        if not ok:
-            raise ValueError("JPEG encoding failed")
-        jpeg = buf.tobytes()
+        how = (c.jpeg_quality, c.max_width)
+        if how in r.encoded:
+            done = r.encoded[how]
+        elif r.image is not None:
+            done = encode(r.image, how)
+        else:  # a reload changed the campaign's encoding after the frame entered the ring
+            first = next(iter(r.encoded.values()))
+            done = encode(cv2.imdecode(np.frombuffer(first.jpeg, np.uint8), cv2.IMREAD_COLOR), how)
+        jpeg = done.jpeg
         when = datetime.fromtimestamp(r.captured_wall, tz=timezone.utc)
         capture_id = f"{when:%Y%m%dT%H%M%S_%f}Z_{self._camera_safe}_{r.frame_id:09d}"
         sidecar = {
@@ -254,8 +310,8 @@ class Collector:
             "capture_id": capture_id,
             "image": f"{capture_id}.jpg",
             "image_sha256": hashlib.sha256(jpeg).hexdigest(),
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
+            "width": done.width,
+            "height": done.height,
             "jpeg_quality": c.jpeg_quality,
             "role": job.role,
             "offset": job.offset,
