@@ -34,6 +34,16 @@ _SOLID = frozenset({"vehicle", "pedestrian", "cyclist", "barrier"})
 class Annotation:
     labels: dict[str, str | None]
     boxes: tuple[BoxRecord, ...]
+    null_reasons: dict[str, str]  # why each null label is null (see NULL_REASONS)
+
+
+# Why a group's truth is null; written beside the labels so an evaluator can tell a rule
+# (weather cannot be seen inside a tunnel) from a marginal picture (a speck of a sign).
+NULL_REASONS = {
+    "inside_tunnel": "weather and time of day cannot be seen inside a tunnel",
+    "illegible": "every instance is too small, mostly hidden, cut off by the frame or lost in fog",
+    "no_cones_in_view": "a construction zone between its cones: none legible in this frame",
+}
 
 
 TUNNEL_AIR_M = 300.0  # haze inside a tunnel: the weather stays outside
@@ -91,21 +101,26 @@ def annotate(scene: Scene, space: LabelSpace) -> Annotation:
             xyxy_norm=(round(ix0 / W, 4), round(iy0 / H, 4), round(ix1 / W, 4), round(iy1 / H, 4)),
             depth_m=round(t.z, 2), legible=legible,
         ))
-    return Annotation(_labels(scene, space, boxes, seen), tuple(boxes))
+    labels, reasons = _labels(scene, space, boxes, seen)
+    return Annotation(labels, tuple(boxes), reasons)
 
 
-def _labels(scene: Scene, space: LabelSpace, boxes: list[BoxRecord], seen: dict[str, list[bool]]) -> dict[str, str | None]:
+def _labels(scene: Scene, space: LabelSpace, boxes: list[BoxRecord],
+            seen: dict[str, list[bool]]) -> tuple[dict[str, str | None], dict[str, str]]:
     c = scene.conditions
     hidden = inside_tunnel(scene)
     labels: dict[str, str | None] = {}
+    reasons: dict[str, str] = {}
     for group in space.groups:
         if group in ("weather", "time_of_day"):
             labels[group] = None if hidden else getattr(c, group)
+            if hidden:
+                reasons[group] = "inside_tunnel"
         elif group == "road_type":
             labels[group] = c.road_type
         elif group == "scene":
             if c.scene == "construction_zone" and not any(seen.get("scene", [])):
-                labels[group] = None  # cones out of sight (a drive between them)
+                labels[group], reasons[group] = None, "no_cones_in_view"
             else:
                 labels[group] = c.scene
         else:
@@ -113,10 +128,10 @@ def _labels(scene: Scene, space: LabelSpace, boxes: list[BoxRecord], seen: dict[
             if legible:
                 labels[group] = legible[0]  # one state/type per picture (sampler guarantees it)
             elif seen.get(group):
-                labels[group] = None
+                labels[group], reasons[group] = None, "illegible"
             else:
                 labels[group] = EMPTY[group]
-    return labels
+    return labels, reasons
 
 
 def _occlusion(t: Thing, box: tuple[float, float, float, float], raw: list) -> float:

@@ -30,7 +30,7 @@ class Canvas:
     rng: np.random.Generator  # per-picture noise: particles, sensor
     xl: float  # road edges (camera coordinates, before curvature)
     xr: float
-    glows: list[tuple[float, float, float, float, BGR]] = field(default_factory=list)  # x, y, rx, ry, colour
+    glows: list[tuple[float, float, float, float, BGR, float | None]] = field(default_factory=list)  # x, y, rx, ry, colour, ground y
 
     @property
     def W(self) -> int:
@@ -65,10 +65,11 @@ class Canvas:
     def circle(self, x: float, y: float, r: float, colour: BGR, thickness: int = -1) -> None:
         cv2.circle(self.img, (int(x * ONE), int(y * ONE)), max(1, int(r * ONE)), colour, thickness, cv2.LINE_AA, SHIFT)
 
-    def glow(self, x: float, y: float, r: float, colour: BGR, ry: float | None = None) -> None:
+    def glow(self, x: float, y: float, r: float, colour: BGR, ry: float | None = None, ground_y: float | None = None) -> None:
         """A light source's halo (or, flattened with ``ry``, its pool on the road), added in
-        one blurred pass at the end (see :func:`.effects.add_glows`)."""
-        self.glows.append((x, y, r, r if ry is None else ry, colour))
+        one blurred pass at the end (see :func:`.effects.add_glows`). ``ground_y`` is the
+        image row of the road below the light: a wet road mirrors the light there."""
+        self.glows.append((x, y, r, r if ry is None else ry, colour, ground_y))
 
     # ------------------------------------------------------------------ 3-D helpers
 

@@ -96,7 +96,8 @@ def write_image_set(out: Path, count: int, seed: int, size: tuple[int, int], spa
                 key = f"world-{i:08d}"
                 record = ImageRecord(
                     file=f"images/{key}.jpg", key=key, caption=caption(scene, truth.labels, truth.boxes, space),
-                    labels=truth.labels, boxes=list(truth.boxes), seed=s, width=width, height=height,
+                    labels=truth.labels, null_reasons=truth.null_reasons, boxes=list(truth.boxes), seed=s,
+                    width=width, height=height,
                 )
                 line = record.model_dump_json()
                 jsonl.write(line + "\n")

@@ -57,7 +57,7 @@ DEFAULT_PLAN: tuple[str, ...] = (
     "urban-snow-day-cyclists-yellow-motorcycle-yield",
 )
 SPEED_MPS = {"highway": 20.0, "rural": 13.0, "urban": 8.0, "parking": 3.0}
-VIDEO_PRECIPITATION = 0.3
+VIDEO_PRECIPITATION = 0.2
 VIDEO_DEFOCUS_PX = 0.6
 _SIGNAL_SPEED = {"red": 0.6, "yellow": 4.0}
 _WALK, _RIDE = 1.3, 4.5
@@ -125,7 +125,7 @@ def frames(plan: list[Segment], seed: int, fps: float, seconds: float, size: tup
             base = replace(base, conditions=replace(base.conditions, tunnel_start_m=start, fog_m=_outside_fog(base),
                                                     tunnel_length_m=max(base.conditions.tunnel_length_m, start + 200.0)))
         # Light rain or snow: every streak is news to a video coder, and a drive at picture
-        # densities costs ~8 MB per rainy segment. Still within the pictures' range (0.3-1.4).
+        # densities costs ~8 MB per rainy segment. Still within the pictures range (0.2-1.4).
         # Likewise a video coder smooths away sensor noise and fine texture: soften the frames
         # as a real dashcam file is soft, or the default drive takes ~25 MB instead of ~7.
         base = replace(base, conditions=replace(base.conditions, precipitation=VIDEO_PRECIPITATION),
@@ -216,7 +216,7 @@ def write_clip(path: Path, plan: list[Segment], seed: int, fps: float, seconds: 
                 truth = annotate(f.scene, space)
                 out.write(FrameRecord(frame=f.index, time_s=round(f.time_s, 4), segment=f.segment.name,
                                       segment_index=f.segment_index, labels=truth.labels,
-                                      boxes=list(truth.boxes)).model_dump_json() + "\n")
+                                      null_reasons=truth.null_reasons, boxes=list(truth.boxes)).model_dump_json() + "\n")
                 n += 1
     finally:
         writer.release()

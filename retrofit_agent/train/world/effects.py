@@ -19,23 +19,27 @@ from retrofit_agent.train.world.canvas import ONE, SHIFT, Canvas
 
 def add_glows(cv: Canvas, wet: bool) -> None:
     """Blur every light's halo in one pass at quarter size and add it; on a wet road each
-    point light also leaves a long streak of reflection below it."""
+    light also leaves a streak of reflection on the road below it."""
     if not cv.glows:
         return
     q = 4
     h, w = max(8, cv.H // q), max(8, cv.W // q)
     layer = np.zeros((h, w, 3), np.uint8)
     sx, sy = w / cv.W, h / cv.H
-    for x, y, rx, ry, colour in cv.glows:
-        centre = (int(x * sx * ONE), int(y * sy * ONE))
-        axes = (max(1, int(rx * sx * ONE)), max(1, int(ry * sy * ONE)))
-        cv2.ellipse(layer, centre, axes, 0, 0, 360, colour, -1, cv2.LINE_AA, SHIFT)
-        if wet and rx == ry and y < cv.H * 0.9:
-            dim = tuple(int(c * 0.45) for c in colour)
-            refl = (centre[0], int((y + 3 * ry) * sy * ONE))
-            cv2.ellipse(layer, refl, (max(1, axes[0] // 2), max(1, int(3 * ry * sy * ONE))), 0, 0, 360, dim, -1, cv2.LINE_AA, SHIFT)
+    for x, y, rx, ry, colour, ground_y in cv.glows:
+        # Three nested rings, brightest inside: a soft fall-off once blurred, not a disc.
+        for k, gain in ((1.0, 0.35), (0.7, 0.65), (0.4, 1.0)):
+            _ellipse(layer, x * sx, y * sy, rx * sx * k, ry * sy * k, tuple(int(c * gain) for c in colour))
+        if wet and ground_y is not None and ground_y < cv.H:
+            dim = tuple(int(c * 0.4) for c in colour)
+            _ellipse(layer, x * sx, (ground_y + 2.5 * ry) * sy, 0.5 * rx * sx, 2.5 * ry * sy, dim)
     layer = cv2.GaussianBlur(layer, (0, 0), 1.2)
     cv2.add(cv.img, cv2.resize(layer, (cv.W, cv.H), interpolation=cv2.INTER_LINEAR), dst=cv.img)
+
+
+def _ellipse(img: np.ndarray, x: float, y: float, rx: float, ry: float, colour: tuple) -> None:
+    cv2.ellipse(img, (int(x * ONE), int(y * ONE)), (max(1, int(rx * ONE)), max(1, int(ry * ONE))), 0, 0, 360, colour, -1,
+                cv2.LINE_AA, SHIFT)
 
 
 def _falling(layer: np.ndarray, clock_s: float, vx: float, vy: float) -> np.ndarray:
@@ -64,7 +68,7 @@ def rain(cv: Canvas) -> None:
     cv2.polylines(overlay, np.round(pts * ONE).astype(np.int32), False, (v, v, v), 1, cv2.LINE_AA, SHIFT)
     speed = 1.6 * H
     overlay = _falling(overlay, cv.scene.conditions.clock_s, speed * math.sin(angle), speed * math.cos(angle))
-    cv2.addWeighted(cv.img, 1.0, overlay, rng.uniform(0.25, 0.45), 0, dst=cv.img)
+    cv2.addWeighted(cv.img, 1.0, overlay, rng.uniform(0.25, 0.45) * min(1.0, 0.4 + cv.scene.conditions.precipitation), 0, dst=cv.img)
     for _ in range(int(rng.integers(0, 14))):  # drops on the windscreen
         x, y, r = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(0.008, 0.025) * H
         cv.circle(x, y, r, tuple(int(c) for c in np.clip(cv.img[min(H - 1, int(y)), min(W - 1, int(x))].astype(int) + 35, 0, 255)), 1)

@@ -132,10 +132,11 @@ def _lights(cv: Canvas, t: Thing, pts: list[tuple[float, float]], size: float) -
     on = cv.look.time != "day" or cv.look.weather in ("fog", "rain", "snow")
     colour: BGR = (200, 235, 250) if front else (40, 40, 220)
     col = cv.look.emit(colour, t.z) if on else cv.look.thing((150, 160, 170) if front else (40, 40, 170), t.z)
+    ground = cv.proj.py(0, t.z)
     for x, y in pts:
         cv.rect(x - size, y - size * 0.6, x + size, y + size * 0.6, col)
         if on:
-            cv.glow(x, y, max(1.5, size * 2.5), (90, 110, 140) if front else (20, 20, 120))
+            cv.glow(x, y, max(1.5, size * 2.5), (90, 110, 140) if front else (20, 20, 120), ground_y=ground)
 
 
 def _wheel(cv: Canvas, t: Thing, x: float, y: float, r: float) -> None:
@@ -232,7 +233,7 @@ def _bus_end(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -
 def _bus_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> None:
     sh = cv.look.thing
     X = _mirror(t, x0, x1)
-    w, h = x1 - x0, y1 - y0
+    h = y1 - y0
     body, glass = sh(t.colours[0], t.z), sh(_GLASS, t.z)
     cv.poly([(X(0.0), y0 + 0.02 * h), (X(1.0), y0 + 0.02 * h), (X(1.0), y1 - 0.1 * h), (X(0.0), y1 - 0.1 * h)], body, aa=True)
     if cv.look.time != "day":  # a bus is lit inside after dark
@@ -246,7 +247,6 @@ def _bus_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) 
     r = 0.15 * h
     for u in (0.18, 0.83):
         _wheel(cv, t, X(u), y1 - r, r)
-    del w
 
 
 def _moto_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> None:
@@ -313,7 +313,7 @@ def traffic_light(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: flo
         if row == lit:
             colour = cv.look.emit(_LAMP[name], t.z)
             cv.circle(cx, ly, r, colour)
-            cv.glow(cx, ly, r * 2.6, tuple(int(v * 0.8) for v in _LAMP[name]))  # type: ignore[arg-type]
+            cv.glow(cx, ly, r * 2.6, tuple(int(v * 0.8) for v in _LAMP[name]), ground_y=cv.proj.py(0, t.z))  # type: ignore[arg-type]
         else:
             cv.circle(cx, ly, r, sh(_LAMP_OFF[name], t.z))
 

@@ -114,8 +114,9 @@ def lamp(cv: Canvas, x: float, z: float, towards: int, lit: bool) -> None:
     head = look.emit((215, 240, 255), z) if lit else look.shade((140, 140, 140), z)
     cv.rect(hx - 0.35 * s, ty - 0.05 * s, hx + 0.35 * s, ty + 0.18 * s, head)
     if lit:
-        cv.glow(hx, ty + 0.1 * s, max(2.0, 1.6 * s), (120, 170, 220))
-        cv.glow(hx, p.py(0, z), max(2.0, 4.0 * s), (45, 65, 85), ry=max(1.0, 1.2 * s))
+        ground = p.py(0, z)
+        cv.glow(hx, ty + 0.1 * s, max(2.0, 1.6 * s), (120, 170, 220), ground_y=ground)
+        cv.glow(hx, ground, max(2.0, 3.0 * s), (35, 50, 65), ry=max(1.0, 0.9 * s))  # its pool of light
 
 
 # ---------------------------------------------------------------------------------- country

@@ -25,11 +25,16 @@ class BoxRecord(_Record):
     legible: bool = Field(description="large, visible and clear enough to decide its group's label")
 
 
+_NULL_REASONS = ("group -> why its label is null: 'inside_tunnel' (weather, time of day), 'illegible' (instances "
+                 "too small, hidden, cut off or fogged), 'no_cones_in_view' (construction zone between cones)")
+
+
 class ImageRecord(_Record):
     file: str = Field(description="image file name, relative to the folder holding captions.jsonl")
     key: str = Field(description="WebDataset sample key in the shards (the file name without extension)")
     caption: str
     labels: dict[str, str | None] = Field(description="group -> label, null where not observable")
+    null_reasons: dict[str, str] = Field(default_factory=dict, description=_NULL_REASONS)
     boxes: list[BoxRecord]
     seed: int = Field(description="scene seed: sample_scene(seed, width, height) rebuilds the image exactly")
     width: int
@@ -42,4 +47,5 @@ class FrameRecord(_Record):
     segment: str = Field(description="the drive segment's name, e.g. 'urban-dusk-pedestrians-red'")
     segment_index: int
     labels: dict[str, str | None] = Field(description="group -> label, null where not observable")
+    null_reasons: dict[str, str] = Field(default_factory=dict, description=_NULL_REASONS)
     boxes: list[BoxRecord]

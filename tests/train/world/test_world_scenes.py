@@ -84,11 +84,14 @@ def test_every_label_is_frequent_over_2000_scenes(truths):
             assert counts[group][None] / len(truths) < 0.02, (group, counts[group])
 
 
-def test_weather_and_time_are_null_exactly_inside_tunnels(truths):
+def test_weather_and_time_are_null_exactly_inside_tunnels_and_every_null_says_why(truths):
     for scene, truth in truths:
         hidden = inside_tunnel(scene)
         assert (truth.labels["weather"] is None) == hidden
         assert (truth.labels["time_of_day"] is None) == hidden
+        assert set(truth.null_reasons) == {g for g, label in truth.labels.items() if label is None}
+        if hidden:
+            assert truth.null_reasons["weather"] == truth.null_reasons["time_of_day"] == "inside_tunnel"
 
 
 def test_boxes_lie_inside_the_picture_and_back_the_labels(truths):
