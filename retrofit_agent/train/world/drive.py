@@ -3,9 +3,9 @@
 A segment is named by hyphen-separated label words, e.g. ``urban-dusk-pedestrians-red-bus``
 (see :data:`TOKENS`). Weather, time of day and road type not named are drawn from the seed;
 a scene not named is an open road; object groups not named are empty. Within a segment the
-world is coherent: the camera drives on (lane marks and props scroll, the odometer counts),
-static things (signs, lights, cones, parked cars) approach and grow, people walk, traffic
-keeps pace, lights keep their state; a thing that drops out behind the camera comes back
+world is coherent: the camera drives on (lane marks and props scroll, the odometer counts;
+it waits at a red light and eases off for amber), static things (signs, lights, cones,
+parked cars) approach and grow, people walk, traffic keeps pace, lights keep their state; a thing that drops out behind the camera comes back
 far ahead, so a segment keeps showing its labels. Segments are joined by cuts.
 
 Ground truth is per frame (:mod:`.annotate`): a sign that has not come close enough yet is
@@ -59,7 +59,7 @@ DEFAULT_PLAN: tuple[str, ...] = (
 SPEED_MPS = {"highway": 20.0, "rural": 13.0, "urban": 8.0, "parking": 3.0}
 VIDEO_PRECIPITATION = 0.2
 VIDEO_DEFOCUS_PX = 0.6
-_SIGNAL_SPEED = {"red": 0.6, "yellow": 4.0}
+_SIGNAL_SPEED = {"red": 0.0, "yellow": 4.0}  # waiting at a red light; easing off for amber
 _WALK, _RIDE = 1.3, 4.5
 
 
@@ -188,7 +188,7 @@ def _move(th: Thing, t: float, ego: float, road: tuple[float, float], window: tu
     elif th.kind == "vehicle":
         steps = t
         if th.view == "rear":  # traffic ahead keeps pace, drifting nearer and back
-            dz = 4.0 * math.sin(2 * math.pi * (t / 9.0 + th.phase)) - 4.0 * math.sin(2 * math.pi * th.phase)
+            dz = 2.5 * (math.sin(2 * math.pi * (t / 9.0 + th.phase)) - math.sin(2 * math.pi * th.phase))
         elif th.view == "front":
             dz = -(ego + 8.0) * t
         elif xl < th.x < xr:  # crossing at a junction ahead

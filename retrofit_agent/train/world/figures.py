@@ -311,9 +311,9 @@ def traffic_light(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: flo
     for row, name in enumerate(("red", "yellow", "green")):
         ly = y0 + (row + 0.5) * h / 3
         if row == lit:
-            colour = cv.look.emit(_LAMP[name], t.z)
-            cv.circle(cx, ly, r, colour)
-            cv.glow(cx, ly, r * 2.6, tuple(int(v * 0.8) for v in _LAMP[name]), ground_y=cv.proj.py(0, t.z))  # type: ignore[arg-type]
+            lamp = t.colours[1] if len(t.colours) > 1 else _LAMP[name]
+            cv.circle(cx, ly, r, cv.look.emit(lamp, t.z))
+            cv.glow(cx, ly, r * 2.6, tuple(int(v * 0.8) for v in lamp), ground_y=cv.proj.py(0, t.z))  # type: ignore[arg-type]
         else:
             cv.circle(cx, ly, r, sh(_LAMP_OFF[name], t.z))
 
@@ -327,7 +327,8 @@ def sign(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> No
         cv.rect(cx - pw / 2, y1 - 0.05 * d, cx + pw / 2, p.py(0, t.z), sh((120, 120, 120), t.z))
     else:  # on a gantry spanning the road
         _gantry(cv, t.z, t.elevation_m + t.height_m)
-    white, red = _reflect(cv, (235, 235, 235), t.z), _reflect(cv, (35, 30, 200), t.z)
+    red_paint, white_paint = t.colours if len(t.colours) == 2 else ((35, 30, 200), (235, 235, 235))
+    white, red = _reflect(cv, white_paint, t.z), _reflect(cv, red_paint, t.z)
     if t.label == "stop":
         cv.poly(_octagon(cx, cy, d / 2), white, aa=True)
         cv.poly(_octagon(cx, cy, d / 2 * 0.86), red, aa=True)

@@ -23,7 +23,9 @@ _FOG_LIMIT = 0.45
 _TRIES = 40
 _SPEED_LIMITS = (20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120)
 
-# Colour pools (BGR). Wide on purpose: a label must never be one exact colour.
+# Colour pools (BGR). Wide on purpose: a label must never be one exact colour. Lamp colours
+# jitter around their state's hue (a red lamp stays red; its exact value does not repeat).
+_LAMPS = {"red": (40, 35, 250), "yellow": (0, 185, 255), "green": (150, 250, 60)}
 _SKIN = ((60, 90, 140), (90, 130, 190), (120, 160, 220), (80, 110, 160), (45, 65, 100), (140, 180, 230))
 _TROUSERS = ((40, 30, 30), (110, 60, 30), (50, 50, 50), (90, 110, 120), (30, 40, 70), (160, 160, 160), (20, 20, 20))
 _CAR = ((235, 235, 235), (25, 25, 25), (170, 170, 170), (40, 40, 190), (150, 70, 20), (60, 110, 40),
@@ -221,7 +223,7 @@ class Placer:
             elev = self.mount(z, k, 4.5, 5.6) if overhead else self.mount(z, k, 2.2, 3.6)
             return Thing(
                 kind="traffic_light", label=state, x=x, z=z, width_m=0.42 * k, height_m=k, elevation_m=elev,
-                colours=(_pick(rng, housing),), pole_m=0.0 if overhead else elev,
+                colours=(_pick(rng, housing), _pick(rng, (_LAMPS[state],))), pole_m=0.0 if overhead else elev,
             )
 
         return self.place(propose, count, key)
@@ -240,7 +242,8 @@ class Placer:
             elev = self.mount(z, d, 4.6, 5.6) if gantry else self.mount(z, d, 1.4, 2.4)
             return Thing(
                 kind="sign", label=kind, x=x, z=z, width_m=d, height_m=d, elevation_m=elev,
-                pole_m=0.0 if gantry else elev, number=int(rng.choice(_SPEED_LIMITS)), colours=((200, 200, 200),),
+                pole_m=0.0 if gantry else elev, number=int(rng.choice(_SPEED_LIMITS)),
+                colours=(_pick(rng, ((35, 30, 200), (45, 40, 180), (30, 20, 220))), _pick(rng, ((235, 235, 235),))),
             )
 
         return self.place(propose, count, key)

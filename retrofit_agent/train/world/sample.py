@@ -27,9 +27,10 @@ WEIGHTS: dict[str, dict[str, float]] = {
     "signs": {"stop": 0.22, "speed_limit": 0.22, "yield": 0.22, "none": 0.34},
     "vehicles": {"car": 0.2, "truck": 0.2, "bus": 0.2, "motorcycle": 0.2, "none": 0.2},
 }
+# Haze distance by weather (metres); clear and cloudy air get 400-900 m.
+FOG_RANGE_M = {"fog": (14.0, 28.0), "rain": (120.0, 250.0), "snow": (90.0, 200.0)}
 # Scene given road type: parking lots only hold open road or road works, so the other roads
 # carry more tunnels and bridges to keep every scene label above ~20%.
-FOG_RANGE_M = {"fog": (14.0, 28.0), "rain": (120.0, 250.0), "snow": (90.0, 200.0)}
 SCENE_WEIGHTS = {
     "parking": {"open_road": 0.55, "construction_zone": 0.45},
     "other": {"tunnel": 0.28, "construction_zone": 0.22, "bridge": 0.28, "open_road": 0.22},
@@ -119,5 +120,5 @@ def _road_conditions(rng: np.random.Generator, labels: dict[str, str]) -> Condit
         curvature=0.0 if road == "parking" else float(rng.uniform(-1, 1) * 0.0012),
         fog_m=float(fog), tunnel_start_m=tunnel_start, tunnel_length_m=tunnel_length, odometer_m=float(rng.uniform(0, 2000)),
         layout_seed=int(rng.integers(0, 2**31 - 1)), palette=tuple(int(v) for v in rng.integers(0, 1000, 8)),
-        precipitation=float(rng.uniform(0.3, 1.4)),
+        precipitation=float(rng.uniform(0.2, 1.4)),
     )
