@@ -10,27 +10,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from retrofit_agent.contract import keyfiles
 from retrofit_agent.contract.errors import BundleError, ConfigError
 
 SIGNATURE_NAME = "manifest.json.sig"
 
 
-def generate_signing_keys(directory: Path, name: str) -> tuple[Path, Path]:
+def generate_signing_keys(directory: Path, name: str, force: bool = False) -> tuple[Path, Path, str]:
+    """Write ``NAME.ed25519.pem`` (private, 0600) and ``NAME.ed25519.pub.pem``.
+
+    Returns (public path, private path, the public key's fingerprint). Existing files are
+    refused unless ``force`` (see :mod:`retrofit_agent.contract.keyfiles`).
+    """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    directory.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
     private = directory / f"{name}.ed25519.pem"
     public = directory / f"{name}.ed25519.pub.pem"
-    private.write_bytes(key.private_bytes(
+    keyfiles.refuse_existing((private, public), force)
+    keyfiles.prepare_directory(directory)
+    key = Ed25519PrivateKey.generate()
+    keyfiles.write_key_file(private, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(
+    ), keyfiles.SECRET_MODE, force)
+    keyfiles.write_key_file(public, key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ))
-    return public, private
+    ), keyfiles.PUBLIC_MODE, force)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return public, private, keyfiles.fingerprint(raw)
 
 
 def sign_bundle(root: Path, private_key: Path) -> Path:

@@ -9,12 +9,15 @@ Plain or unknown subscribers get nothing. Keys are zmq.auth certificate files
 from __future__ import annotations
 
 import ipaddress
+from datetime import datetime, timezone
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
+from retrofit_agent.contract import keyfiles
 from retrofit_agent.contract.errors import ConfigError
 
 # --------------------------------------------------------------------------- CURVE
@@ -59,11 +62,41 @@ def make_curve_client(socket: zmq.Socket, client_cert: Path, server_public: Path
     socket.curve_serverkey = load_public_key(server_public, "server public key")
 
 
-def generate_curve_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(directory, name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+_PUBLIC_BANNER = """#   ****  Generated on {now} by retrofit-agent  ****
+#   ZeroMQ CURVE Public Certificate
+#   Exchange securely, or use a secure mechanism to verify the contents
+#   of this file after exchange (compare its fingerprint).
+
+"""
+_SECRET_BANNER = """#   ****  Generated on {now} by retrofit-agent  ****
+#   ZeroMQ CURVE **Secret** Certificate
+#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+
+"""
+
+
+def _certificate(banner: str, public: bytes, secret: bytes | None = None) -> bytes:
+    """The zmq.auth certificate format (what ``zmq.auth.load_certificate`` reads)."""
+    text = banner.format(now=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    text += f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+    if secret is not None:
+        text += f'    secret-key = "{secret.decode()}"\n'
+    return text.encode()
+
+
+def generate_curve_keys(directory: Path, name: str, force: bool = False) -> tuple[Path, Path, str]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (0600) certificates.
+
+    Returns (public path, secret path, the public key's fingerprint). Existing files are
+    refused unless ``force`` (see :mod:`retrofit_agent.contract.keyfiles`).
+    """
+    public_path, secret_path = directory / f"{name}.key", directory / f"{name}.key_secret"
+    keyfiles.refuse_existing((secret_path, public_path), force)
+    keyfiles.prepare_directory(directory)
+    public, secret = zmq.curve_keypair()
+    keyfiles.write_key_file(secret_path, _certificate(_SECRET_BANNER, public, secret), keyfiles.SECRET_MODE, force)
+    keyfiles.write_key_file(public_path, _certificate(_PUBLIC_BANNER, public), keyfiles.PUBLIC_MODE, force)
+    return public_path, secret_path, keyfiles.fingerprint(z85.decode(public))
 
 
 # --------------------------------------------------------------------------- exposure

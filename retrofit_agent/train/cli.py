@@ -6,7 +6,8 @@
 Each subcommand is a :class:`Command` in :data:`COMMANDS` (its arguments and its run
 function), or a module's ``register(sub)`` that adds subparsers with
 ``set_defaults(func=...)`` (``commands.py``: export, quantize, prompts, bundle, evaluate,
-cityscapes-index, bench). Config errors print one line and exit 2 before torch is imported.
+cityscapes-index, bench). Config errors print one line and exit 2 before torch is imported;
+so do a missing train extra and unusable paths (``main`` turns them into one line each).
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
+from retrofit_agent import __version__
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
 
 PROG = "retrofit-model"
+# Top-level modules that only the train extra brings; importing one without it is a setup
+# problem, not a bug, and gets one line naming the install command.
+TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "timm", "open_clip", "onnx", "onnxscript", "tqdm"})
+INSTALL_TRAIN = ("pip install torch==2.14.1 torchvision==0.29.1 (pinned first: the CUDA build, which also runs on "
+                 "a CPU), then pip install 'retrofit-agent[train]' (from a checkout: pip install -e '.[train]')")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +56,8 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", dest="optim.max_steps", type=int, metavar="N", help="optim.max_steps")
     p.add_argument("--device", dest="run.device", metavar="DEVICE", help="run.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", dest="run.progress", action="store_false", default=None, help="no progress bar")
-    p.add_argument("--log-format", choices=("json", "console"), default="console", help="log format (stderr)")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default=argparse.SUPPRESS,
+                   help="as the global --log-format (also accepted here)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -79,7 +87,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.train:
         raise ConfigError("data.train: no training images configured (set it in the config or with --set data.train=...)")
-    configure_logging(args.log_format, "info")
+    configure_logging(getattr(args, "log_format", "auto"), "info")
     # Heavy imports only now: a bad config above fails in a fraction of a second.
     from retrofit_agent.train.distributed import init_distributed, shutdown
     from retrofit_agent.train.engine import Distiller
@@ -106,7 +114,7 @@ def _run_distill(args: argparse.Namespace) -> int:
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder to write the images to")
     p.add_argument("--count", type=int, default=512, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated scenes")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -128,8 +136,13 @@ COMMANDS: dict[str, Command] = {
 def build_parser() -> argparse.ArgumentParser:
     from retrofit_agent.train import commands  # export, quantize, prompts, bundle, evaluate, ...
 
-    p = _Parser(prog=PROG, description="Offboard model toolchain for retrofit-agent (needs the train extra).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    p = _Parser(prog=PROG, description="Offboard model toolchain for retrofit-agent (needs the train extra).",
+                epilog=f"'{PROG} COMMAND --help' shows a command's options.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                   help="log lines on stderr: console for a terminal, json lines otherwise (auto, the default)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser,
+                           title="commands")
     for name, cmd in COMMANDS.items():
         sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(sp)
@@ -139,12 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from retrofit_agent.contract.logs import configure_logging
+
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, "info")
     try:
         return args.func(args)
     except RetrofitError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return e.exit_code
+        return _fail(e)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise  # a bug, not a setup problem: keep the traceback
+        return _fail(ConfigError(f"'{args.command}' needs the train extra ({e.name} is not installed): {INSTALL_TRAIN}"))
+    except OSError as e:  # a path given on the command line that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(ConfigError(f"{where}{e.strerror or e}"))
+
+
+def _fail(err: RetrofitError) -> int:
+    sys.stderr.write(f"{PROG}: error: {err}\n")
+    return err.exit_code
 
 
 if __name__ == "__main__":
