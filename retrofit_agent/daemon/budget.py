@@ -65,19 +65,31 @@ def estimate(cfg: AgentConfig, model_bytes: int = 0, source: tuple[int, int] | N
 
 
 def cgroup_memory_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The cgroup v2 ``memory.max`` of this process (the unit's MemoryMax), or None if unlimited."""
+    """This process's cgroup memory limit (the unit's MemoryMax), or None if unlimited or unknown.
+
+    cgroup v2 (``0::/path`` → ``memory.max``) and v1 (``N:memory:/path`` → ``memory.limit_in_bytes``,
+    where "unlimited" is a huge number).
+    """
     try:
         lines = proc.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        hierarchy, _, path = line.partition("::")
-        if hierarchy == "0":
-            try:
-                value = (root / path.lstrip("/") / "memory.max").read_text().strip()
-            except OSError:
-                return None
-            return int(value) if value.isdigit() else None
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            where = root / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            where = root / "memory" / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            value = where.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:
+            return int(value)
+        return None
     return None
 
 

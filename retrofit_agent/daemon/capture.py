@@ -179,12 +179,20 @@ class StreamClock:
     the fastest path from the source to us. A frame's lag is how much later than that it
     arrived. A frozen stream's buffer comes out late (after a read timeout) or repeated
     (the same timestamp again); both are stale. ``base`` may drift up slowly, so a camera
-    whose clock runs a little slow is not declared late after hours. Without timestamps,
-    a frame identical to the previous one (no sensor noise at all) is a re-delivery.
+    whose clock runs a little slow is not declared late after hours.
+
+    Some sources have no real timestamps: a raw MJPEG pipe or HTTP stream gets ones that
+    FFmpeg makes up at a nominal 25 fps, whatever the camera's rate. So the timestamps are
+    trusted only if, frame to frame, they advance with the wall clock (the median ratio over
+    a connection's first ``TRUST_PAIRS`` frames; a median, so one freeze or burst does not
+    decide it). Without (trusted) timestamps, a frame identical to the previous one (no
+    sensor noise at all) is a re-delivery.
     """
 
     DRIFT = 1e-3  # s/s of clock skew tolerated between the source and us
     DISCONTINUITY_S = 1.0  # a timeline jumping back further than this restarted: re-anchor
+    TRUST_PAIRS = 15
+    RATE_TOLERANCE = 0.15
 
     def __init__(self, max_age_s: float) -> None:
         self.max_age_s = max_age_s
@@ -195,10 +203,14 @@ class StreamClock:
         self._last_pts: float | None = None
         self._last_now = 0.0
         self._last_print: bytes | None = None
+        self._ratios: list[float] = []
+        self.trusted: bool | None = None  # None: not decided yet on this connection
 
     def observe(self, pts: float | None, now: float, image: np.ndarray) -> float | None:
         """The monotonic time ``image`` was produced, or None when it is stale."""
-        if pts is None:
+        if pts is not None and self.trusted is None:
+            self._judge(pts, now)
+        if pts is None or self.trusted is False:
             fingerprint = np.ascontiguousarray(image[::16, ::16]).tobytes()
             repeated = fingerprint == self._last_print
             self._last_print = fingerprint
@@ -216,6 +228,16 @@ class StreamClock:
         if offset - self._base > self.max_age_s:
             return None
         return min(now, self._base + pts)
+
+    def _judge(self, pts: float, now: float) -> None:
+        if self._last_pts is not None and now - self._last_now > 0.005 and pts > self._last_pts:
+            self._ratios.append((pts - self._last_pts) / (now - self._last_now))
+        if len(self._ratios) >= self.TRUST_PAIRS:
+            rate = float(np.median(self._ratios))
+            self.trusted = abs(rate - 1.0) <= self.RATE_TOLERANCE
+            if not self.trusted:
+                log.info("stream_timestamps_ignored", rate=round(rate, 3),
+                         reason="they do not advance with the wall clock (made up by the demuxer?)")
 
 
 class FilePacer:

@@ -302,16 +302,17 @@ def test_watchdog_pings_at_half_the_period_while_frames_flow(notify_run: NotifyR
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_hung_camera_stops_the_pings_so_systemd_would_restart_the_daemon(notify_run: NotifyRun):
+def test_a_hung_camera_keeps_the_pings_because_waiting_is_not_a_failure(notify_run: NotifyRun):
+    """The watchdog guards the frame loop, not the camera: through a camera that hangs, the
+    loop keeps turning (reopening with back-off) and keeps pinging, so systemd does not kill
+    a daemon that would only find the camera still gone. A hung inference is what stops the
+    pings: tests/deploy/test_systemd_nspawn.py shows systemd killing and restarting it."""
     run = notify_run
-    assert run.alive_before_sigterm, "the daemon must stay up through a camera stall (systemd decides)"
+    assert run.alive_before_sigterm, "the daemon stays up through a camera stall"
     assert run.frames_at_stall == run.frames_at_sigterm, "no frame progressed during the stall"
-    pings = [t for t, _, f in run.of("WATCHDOG")]
-    last = max(pings)
-    # The frames already in the pipe drain within the first period; after that, silence until
-    # SIGTERM — longer than WatchdogSec, so systemd's watchdog fires.
-    assert last < run.stall_started + WATCHDOG_S
-    assert run.sigterm_at - last > WATCHDOG_S * 2
+    during = [t for t, _, f in run.of("WATCHDOG") if run.stall_started + WATCHDOG_S < t < run.sigterm_at]
+    gaps = [b - a for a, b in zip(during, during[1:])]
+    assert during and max(gaps, default=0) < WATCHDOG_S, gaps
     assert any(e["event"] == "camera_stalled" for e in run.log_events), "the daemon noticed the stall itself"
 
 
