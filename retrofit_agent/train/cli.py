@@ -135,6 +135,7 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from retrofit_agent.train import commands  # export, quantize, prompts, bundle, evaluate, ...
+    from retrofit_agent.train.world import cli as world_cli
 
     p = _Parser(prog=PROG, description="Offboard model toolchain for retrofit-agent (needs the train extra).",
                 epilog=f"'{PROG} COMMAND --help' shows a command's options.")
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_arguments(sp)
         sp.set_defaults(func=cmd.run)
     commands.register(sub)  # modules that register themselves with set_defaults(func=...)
+    world_cli.register(sub)  # world images / world clip (torch-free)
     return p
 
 
