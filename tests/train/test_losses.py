@@ -394,3 +394,143 @@ def test_warmup_cosine_schedule():
     assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     assert WarmupCosine(0, 0, 0.0)(0) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- edges the mutation run found
+
+
+def test_attention_scales_by_the_head_dim_not_the_token_count_and_softmaxes_over_keys():
+    q = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]).view(1, 1, 3, 4)  # N=3, d=4
+    k = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0]]).view(1, 1, 3, 4)
+    a = attention_map(q, k)[0, 0]
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 4.0], [2.0, 0.0, 4.0]]) / 2  # QKᵀ/√4
+    torch.testing.assert_close(a, torch.softmax(logits, dim=-1))  # rows (queries) sum to 1
+    v = torch.arange(12.0).view(1, 1, 3, 4)
+    torch.testing.assert_close(value_relation(v)[0, 0], v[0, 0] @ v[0, 0].T / 2)  # /√d with d=4, N=3
+
+
+def test_pca_losses_default_to_the_papers_form():
+    zero = torch.zeros(1, 1, 4, 4)
+    assert pca_losses(zero, zero, zero, _eye(), _eye(), _eye())["pca_value"].item() == pytest.approx(1 / 16)
+
+
+def test_pca_projector_uses_its_form_and_its_own_v_for_the_value_term():
+    fmap, t = torch.randn(2, 3, 4, 4), [torch.randn(2, 2, 16, 4) for _ in range(3)]
+    assert PCAProjector(3, 8, 2).last_substitution_rate == 0.0
+    full = PCAProjector(3, width=8, heads=2, substitute_p=1.0).train()
+    own_v = full.project(fmap, (4, 4))[2]
+    parts = full(fmap, *t, (4, 4))
+    assert parts["pca_value"].item() == pytest.approx(mse(value_relation(own_v), value_relation(t[2])).item(), rel=1e-6)
+    assert parts["pca_value"].item() > 0  # not the substituted (teacher's) V, which would give 0
+    maps = PCAProjector(3, width=8, heads=2, substitute_p=0.0, form="maps").train()
+    q, k, v = maps.project(fmap, (4, 4))
+    assert maps(fmap, *t, (4, 4))["pca_attention"].item() == pytest.approx(pca_losses(q, k, v, *t, "maps")["pca_attention"].item())
+
+
+def test_gl_projector_defaults_to_4x4_groups_and_a_linear_layers_init():
+    gl = GLProjector(16, width=64, grid=(8, 8))
+    assert gl.group == 4 and gl.weight.shape[0] == 4 and gl.dropout.p == 0.1
+    bound = 1 / math.sqrt(16)
+    assert gl.weight.min().item() >= -bound and gl.weight.max().item() <= bound
+    assert gl.weight.min().item() < -0.9 * bound and gl.weight.max().item() > 0.9 * bound
+    assert torch.equal(gl.bias, torch.zeros_like(gl.bias))
+
+
+def test_gl_projector_keeps_the_feature_maps_dtype():
+    gl = GLProjector(3, width=5, grid=(2, 2), group=2, dropout=0.0)
+    assert gl(torch.randn(1, 3, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_resample_map_antialiases_when_either_side_shrinks_on_non_square_grids():
+    x = torch.tensor([0.0, 0.0, 0.0, 8.0]).view(1, 1, 4, 1)  # a column shrinking 4 → 1, one channel
+    assert resample_map(x, (1, 1)).item() == pytest.approx(8 * 5 / 24, rel=1e-5)
+    wide = torch.tensor([0.0, 0.0, 0.0, 8.0]).view(1, 1, 4, 1).expand(1, 1, 4, 2).contiguous()
+    assert resample_map(wide, (1, 4))[0, 0, 0, 0].item() == pytest.approx(8 * 5 / 24, rel=1e-5)
+
+
+def test_the_discriminator_is_a_three_layer_leaky_mlp():
+    d = Discriminator(2, 2)
+    linears = [m for m in d.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2, 2), (2, 2), (2, 1)]
+    assert [m.negative_slope for m in d.net if isinstance(m, torch.nn.LeakyReLU)] == [0.2, 0.2]
+    with torch.no_grad():
+        for m in linears[:2]:
+            m.weight.copy_(torch.eye(2))
+            m.bias.zero_()
+        linears[2].weight.copy_(torch.ones(1, 2))
+        linears[2].bias.zero_()
+    # (-1, 2) → leaky → (-0.2, 2) → leaky → (-0.04, 2) → sum.
+    out = d(torch.tensor([[-1.0, 2.0], [1.0, 1.0]]))
+    assert out.shape == (2,)
+    torch.testing.assert_close(out, torch.tensor([1.96, 2.0]))
+    assert Discriminator(8).net[0].out_features == 512
+
+
+def test_ramp_with_a_fraction_of_an_epoch():
+    assert ramp(0.1, 0.25, 0.5) == pytest.approx(0.05)
+
+
+def test_grouped_kl_averages_over_images():
+    groups = (torch.tensor([0, 1]),)
+    teacher = torch.tensor([[0.0, LN3], [0.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    kl0 = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert grouped_kl(student, teacher, groups).item() == pytest.approx(kl0 / 2, rel=1e-6)
+
+
+def _one_layer_loss(**loss) -> DistillLoss:
+    return DistillLoss(LossConfig(**{"embed_l2": 0.0, "embed_cosine": 0.0, "affinity": 0.0, **loss}), ProjectorConfig(),
+                       SpatialShape(3, 4, 2, (2, 2), 1), 1.0)
+
+
+def test_each_part_is_on_for_any_positive_weight_and_off_at_zero():
+    student, teacher = StudentOutput(_unit(2, 4, seed=1), torch.randn(2, 3, 2, 2)), _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4))
+    bank = _bank(_unit(2, 4, seed=2), ["a", "b"])
+    assert "embed" in _one_layer_loss(embed_cosine=0.5)(student, teacher, bank)
+    assert "affinity" in _one_layer_loss(affinity=0.5)(student, teacher, bank)
+    assert "affinity" not in _one_layer_loss(affinity=0.0)(student, teacher, bank)
+    assert _one_layer_loss(pca_attention=0.5).pca is not None and _one_layer_loss(pca_value=0.5).pca is not None
+    assert _one_layer_loss(gl=0.5).pca is None and _one_layer_loss(gl=0.5).gl is not None
+
+
+def test_projector_settings_reach_every_pca_projector():
+    loss = DistillLoss(LossConfig(pca_attention=1.0), ProjectorConfig(pca_granularity="matrix", pca_form="maps", pca_substitute_p=0.25),
+                       SpatialShape(3, 4, 2, (2, 2), 2), 1.0)
+    assert [(p.granularity, p.form, p.substitute_p) for p in loss.pca] == [("matrix", "maps", 0.25)] * 2
+
+
+def test_pca_parts_are_the_mean_over_teacher_blocks_on_the_configured_grid():
+    cfg = LossConfig(embed_l2=0, embed_cosine=0, affinity=0, pca_attention=1.0, pca_value=1.0)
+    loss = DistillLoss(cfg, ProjectorConfig(pca_substitute_p=0.0), SpatialShape(3, 4, 2, (2, 2), 2), 1.0)
+    teacher = TeacherFeatures(embedding=_unit(2, 4), grid=(2, 2), layers=tuple(
+        LayerFeatures(tokens=torch.randn(2, 4, 4), q=torch.randn(2, 2, 4, 2), k=torch.randn(2, 2, 4, 2), v=torch.randn(2, 2, 4, 2))
+        for _ in range(2)))
+    fmap = torch.randn(2, 3, 2, 2)
+    parts = loss(StudentOutput(_unit(2, 4, seed=3), fmap), teacher, None)
+    per = [p(fmap, lf.q, lf.k, lf.v, (2, 2)) for p, lf in zip(loss.pca, teacher.layers)]
+    for name in ("pca_attention", "pca_value"):
+        assert parts[name].item() == pytest.approx((per[0][name] + per[1][name]).item() / 2, rel=1e-6)
+
+
+def test_adversarial_part_uses_the_discriminator_and_the_ramped_weight():
+    d, x = _constant_discriminator(2.0), 2.0
+    student = StudentOutput(_unit(4, 8))
+    loss = DistillLoss(LossConfig(embed_l2=0, embed_cosine=0, affinity=0, adversarial=0.5), ProjectorConfig(), None, 1.0)
+    parts = loss(student, _unit(4, 8, seed=1), None, d, 0.25)
+    assert parts["adversarial"].item() == pytest.approx(math.log1p(math.exp(-x)), rel=1e-6)
+    assert parts["total"].item() == pytest.approx(0.25 * math.log1p(math.exp(-x)), rel=1e-6)
+    assert loss(student, _unit(4, 8, seed=1), None, d)["total"].item() == 0  # weight 0 until the ramp starts
+    assert "adversarial" not in loss(student, _unit(4, 8, seed=1), None)  # no discriminator
+    off = DistillLoss(LossConfig(embed_l2=0, embed_cosine=0, affinity=0, adversarial=0.0), ProjectorConfig(), None, 1.0)
+    assert "adversarial" not in off(student, _unit(4, 8, seed=1), None, d, 1.0)
+
+
+def test_feature_losses_need_both_the_teachers_features_and_the_students_map():
+    loss = _one_layer_loss(gl=1.0)
+    message = r"^PCA/GL losses need the teacher's tokens and the student's feature map$"
+    with pytest.raises(ValueError, match=message):
+        loss(StudentOutput(_unit(2, 4), torch.randn(2, 3, 2, 2)), _unit(2, 4), None)  # a map, but no teacher tokens
+    with pytest.raises(ValueError, match=message):
+        loss(StudentOutput(_unit(2, 4)), _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4)), None)  # tokens, no map
+    with pytest.raises(ValueError, match=r"^PCA/GL losses need the spatial shape of student and teacher$"):
+        DistillLoss(LossConfig(gl=1.0), ProjectorConfig(), None, 1.0)

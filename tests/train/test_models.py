@@ -16,8 +16,9 @@ from retrofit_agent.train.teacher import Teacher  # noqa: E402
 pytestmark = [pytest.mark.train]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def teacher() -> Teacher:
+    # Function-scoped: cheap for the micro CLIP, and every test then sees a freshly built teacher.
     return Teacher("retrofit-micro-clip", pretrained=None, seed=0)
 
 
@@ -107,9 +108,13 @@ def test_weights_hash_covers_every_weight_and_the_fingerprint_only_the_projectio
 
 
 def test_teacher_view_uses_clip_normalisation_and_stretch(teacher: Teacher):
+    from retrofit_agent.contract.bundle import InputSpec
+
     spec = teacher.input_spec()
     assert (spec.height, spec.width) == (32, 32) and spec.resize == "stretch"
     assert spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert spec == InputSpec(name="teacher", height=32, width=32, layout="NCHW", dtype="float32", color="RGB",
+                             mean=teacher.mean, std=teacher.std, resize="stretch", interpolation="area")
     assert teacher.encode_text(["a road", "rain"]).shape == (2, 64)
 
 
@@ -214,3 +219,146 @@ def test_masking_is_drawn_in_cells_of_the_image_side():
     assert keep.shape == (10, 4, 4) and (keep.flatten(1).sum(1) == 8).all()  # half of 16 cells kept
     x = aug.apply(torch.ones(10, 3, 20, 20), aug.sample(10, step_generator(0, 0, 0)), aug.norm, keep)
     assert ((x == 0).flatten(1).float().mean(1) == 0.5).all()  # at 20 px each cell is 5x5
+
+
+# --------------------------------------------------------------------------- edges the mutation run found
+
+
+def test_teacher_takes_size_mean_and_std_from_open_clips_preprocessing(monkeypatch):
+    import open_clip
+
+    real = open_clip.create_model
+    cfg = {"size": (48, 64), "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+
+    def create(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.visual.preprocess_cfg = dict(cfg)
+        return model
+
+    monkeypatch.setattr(open_clip, "create_model", create)
+    t = Teacher("retrofit-micro-clip", pretrained=None, seed=0)
+    assert (t.image_size, t.mean, t.std) == (48, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))  # a (h, w) size: its first side
+    cfg["size"] = 40
+    assert Teacher("retrofit-micro-clip", pretrained=None, seed=0).image_size == 40
+
+
+def test_teacher_loads_a_local_checkpoint_and_names_it_by_file(tmp_path):
+    source = Teacher("retrofit-micro-clip", pretrained=None, seed=3)
+    path = tmp_path / "micro.pt"
+    torch.save(source.model.state_dict(), path)
+    t = Teacher("retrofit-micro-clip", pretrained=str(path), seed=0)
+    assert t.identity == "retrofit-micro-clip/micro.pt" and t.pretrained == str(path)
+    assert t.weights_sha256() == source.weights_sha256()
+    assert Teacher("retrofit-micro-clip", pretrained=None, seed=0).identity == "retrofit-micro-clip/seeded-untrained"
+
+
+def test_fingerprint_covers_both_projections_and_the_logit_scale(teacher: Teacher):
+    base = teacher.fingerprint()
+    assert len(base) == 16
+    for name in ("text_projection", "visual.proj", "logit_scale"):
+        t = Teacher("retrofit-micro-clip", pretrained=None, seed=0)
+        with torch.no_grad():
+            t.model.get_parameter(name).add_(0.01)
+        assert t.fingerprint() != base, name
+    bf16 = Teacher("retrofit-micro-clip", pretrained=None, seed=0)
+    bf16.model.to(torch.bfloat16)
+    assert len(bf16.fingerprint()) == 16 and len(bf16.weights_sha256()) == 64  # any dtype hashes
+
+
+class _Bare(torch.nn.Module):
+    pass
+
+
+def _stub_teacher(teacher: Teacher, **parts) -> Teacher:
+    """``teacher`` with its open_clip model replaced by a stub holding ``parts`` (None: absent)."""
+    model, visual, transformer = _Bare(), _Bare(), _Bare()
+    if parts.get("blocks") is not None:
+        transformer.resblocks = parts["blocks"]
+    if parts.get("batch_first", True) is not None:
+        transformer.batch_first = parts.get("batch_first", True)
+    if parts.get("transformer", True):
+        visual.transformer = transformer
+    if parts.get("visual", True):
+        model.visual = visual
+    teacher.model = model
+    return teacher
+
+
+def _block(attn: bool = True, ln_1: bool = True) -> torch.nn.Module:
+    b = _Bare()
+    if attn:
+        b.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    if ln_1:
+        b.ln_1 = torch.nn.LayerNorm(8)
+    return b
+
+
+def test_teachers_without_open_clip_attention_blocks_are_refused_with_one_line(teacher: Teacher):
+    from retrofit_agent.contract.errors import ConfigError
+
+    not_vit = (r"^teacher 'retrofit-micro-clip' is not a ViT with open_clip attention blocks; the PCA/GL losses need one "
+               r"\(set loss.pca_attention, loss.pca_value and loss.gl to 0 to use the embedding and affinity losses only\)$")
+    for parts in ({"visual": False}, {"transformer": False}, {"blocks": None},
+                  {"blocks": torch.nn.ModuleList([_block(ln_1=False)])}, {"blocks": torch.nn.ModuleList([_block(attn=False)])}):
+        with pytest.raises(ConfigError, match=not_vit):
+            _stub_teacher(teacher, **parts).check_spatial([-1], need_qk=False)
+    with pytest.raises(ConfigError, match=r"^teacher 'retrofit-micro-clip': its transformer does not say whether it runs "
+                                          r"batch-first; upgrade open_clip_torch$"):
+        _stub_teacher(teacher, blocks=torch.nn.ModuleList([_block()]), batch_first=None).check_spatial([-1], need_qk=False)
+    one = _stub_teacher(teacher, blocks=torch.nn.ModuleList([_block()]))  # a one-block ViT is fine
+    one.check_spatial([0], need_qk=True)
+    assert one.num_heads == 2
+
+
+def test_every_listed_block_is_checked(teacher: Teacher):
+    from retrofit_agent.contract.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^teacher.layer: 5 is outside the teacher's 2 blocks$"):
+        teacher.check_spatial([-1, 5], need_qk=False)
+    with pytest.raises(ConfigError, match="-3 is outside"):
+        teacher.check_spatial([0, -3], need_qk=True)
+
+
+def test_attention_without_a_packed_in_projection_or_with_k_norm_only_is_refused(teacher: Teacher):
+    from open_clip.transformer import Attention
+
+    from retrofit_agent.contract.errors import ConfigError
+
+    def refused(attn: torch.nn.Module, why: str) -> None:
+        block = _block()
+        block.attn = attn
+        t = _stub_teacher(Teacher("retrofit-micro-clip", pretrained=None, seed=0), blocks=torch.nn.ModuleList([block]))
+        with pytest.raises(ConfigError, match=rf"^teacher 'retrofit-micro-clip' block -1 {why}: the hooks cannot reproduce "
+                                              r"its Q/K; use another teacher or set loss.pca_attention and loss.pca_value to 0$"):
+            t.check_spatial([-1], need_qk=True)
+
+    separate = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)  # separate Q/K/V weights
+    assert separate.in_proj_weight is None
+    refused(separate, r"has no packed in-projection \(separate Q/K/V weights\)")
+    timm_like = _Bare()  # no in_proj_weight attribute at all (e.g. a qkv Linear)
+    timm_like.qkv = torch.nn.Linear(8, 24)
+    refused(timm_like, r"has no packed in-projection \(separate Q/K/V weights\)")
+    k_only = Attention(8, 2)
+    k_only.ln_k = torch.nn.LayerNorm(4)
+    refused(k_only, "uses QK-norm")
+    refused(Attention(8, 2, qk_norm=True), "uses QK-norm")
+    refused(Attention(8, 2, scaled_cosine=True), "uses scaled cosine attention")
+
+
+def test_patch_drops_the_class_token_on_non_square_grids():
+    from retrofit_agent.train.teacher import LayerFeatures, TeacherFeatures
+
+    tokens = torch.arange(7.0).view(1, 7, 1)
+    f = TeacherFeatures(embedding=torch.zeros(1, 2), layers=(LayerFeatures(tokens=tokens),), grid=(2, 3))
+    assert f.patch(tokens).flatten().tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_open_clip_without_a_version_is_refused(monkeypatch):
+    import open_clip
+
+    from retrofit_agent.contract.errors import ConfigError
+    from retrofit_agent.train.teacher import check_open_clip
+
+    monkeypatch.delattr(open_clip, "__version__")
+    with pytest.raises(ConfigError, match=r"^open_clip_torch 0 is older than 2.26 "):
+        check_open_clip()
