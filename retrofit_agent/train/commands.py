@@ -90,7 +90,10 @@ def load_student(path: Path):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):  # torch's message suggests weights_only=False: never here
+            reason = "not a weights-only PyTorch file"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--checkpoint: cannot load {path} ({reason}); is it a student.pt from a distill run?") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
