@@ -8,6 +8,7 @@ Bump :data:`SCHEMA_VERSION` on any incompatible change.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,12 @@ TOPIC_EVENTS = "events"
 TOPIC_STATUS = "status"
 TOPIC_CAPTURES = "captures"
 TOPICS = (TOPIC_TAGS, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_CAPTURES)
+
+
+def utc_iso(ts: float | None = None) -> str:
+    """Unix time (now if None) as the messages and sidecars write it: UTC, ISO 8601, ms, 'Z'."""
+    when = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Msg(BaseModel):

@@ -1,44 +1,44 @@
-"""The frame loop: newest frame → preprocess → embed → label → publish, with metrics.
+"""The frame loop: newest frame → preprocess → embed → label → outputs, with metrics.
 
 :class:`Agent` receives every component ready-made from the composition root
-(:mod:`retrofit_agent.daemon.cli`); it owns no configuration parsing and no sockets of its own.
+(:mod:`retrofit_agent.daemon.app`): it parses no configuration, owns no sockets, builds no
+messages (:mod:`retrofit_agent.daemon.outputs`) and decides nothing about reloads
+(:mod:`retrofit_agent.daemon.reload`). It loops.
 """
 
 from __future__ import annotations
 
-import platform
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable
 
+import numpy as np
 import structlog
 
+from retrofit_agent.contract.messages import Latency
+from retrofit_agent.contract.preprocess import BadFrameError
 from retrofit_agent.daemon.capture import Frame, FrameGrabber
-from retrofit_agent.daemon.config import AgentConfig
+from retrofit_agent.daemon.collect.collector import Collector, FrameRecord
 from retrofit_agent.daemon.labelling import LabelResult, Tag
 from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
 from retrofit_agent.daemon.metrics import AgentMetrics
-from retrofit_agent.contract.preprocess import BadFrameError
+from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.pipeline import ModelPipeline
-from retrofit_agent.daemon.publish import Publisher
-from retrofit_agent.daemon.reload import Reloader
-from retrofit_agent.daemon.collect.collector import Collector, FrameRecord
-from retrofit_agent.contract.messages import (
-    TOPIC_CAPTURES, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, CaptureMessage, EventMessage, Latency, StatusMessage,
-    TagOut, TagsMessage,
-)
+from retrofit_agent.daemon.reload import Reloaded, Reloader
 
 log = structlog.get_logger("retrofit_agent.daemon.agent")
 
-
-def utc_iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+STAGES = ("capture_wait", "preprocess", "inference", "labelling", "publish")
 
 
-def _tags_out(tags: list[Tag]) -> list[TagOut]:
-    return [TagOut(group=t.group, label=t.label, score=t.score) for t in tags]
+@dataclass(frozen=True)
+class LoopSettings:
+    """The few settings the loop itself reads."""
+
+    status_interval_s: float = 2.0
+    stall_timeout_s: float = 5.0  # past it without a fresh frame, health is 'degraded'
+    max_frames: int | None = None
 
 
 class FpsMeter:
@@ -66,7 +66,7 @@ class AgentIO:
     """The frame loop's collaborators, built by the composition root."""
 
     grabber: FrameGrabber
-    publisher: Publisher
+    outputs: Outputs
     metrics: AgentMetrics
     notifier: SystemdNotifier
     stop: StopSignal
@@ -77,39 +77,34 @@ class AgentIO:
 class Agent:
     def __init__(
         self,
-        cfg: AgentConfig,
+        settings: LoopSettings,
         pipeline: ModelPipeline,
         io: AgentIO,
-        camera: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cfg = cfg
+        self.settings = settings
         self.pipeline = pipeline
         self.grabber = io.grabber
-        self.publisher = io.publisher
+        self.outputs = io.outputs
         self.metrics = io.metrics
         self.notifier = io.notifier
         self.stop = io.stop
         self.collector = io.collector
         self.reloader = io.reloader
-        self._last_frame: Frame | None = None
-        self.camera = camera
         self._clock = clock
-        self._seq = 0
-        self._event_seq = 0
-        self._capture_seq = 0
+        self._last_frame: Frame | None = None
         self._processed = 0
         self._fps = FpsMeter()
         self._last_fps = 0.0
         self._current_tags: list[Tag] = []
         self._last_status = float("-inf")
-        self._log = log.bind(camera=camera, model=pipeline.model_id)
+        self._log = log.bind(camera=io.outputs.camera, model=pipeline.model_id)
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
         """Process frames until stopped, the file ends or max_frames is reached. Returns 0."""
-        max_frames = self.cfg.max_frames
+        max_frames = self.settings.max_frames
         while not self.stop.is_set():
             waited_from = self._clock()
             frame = self.grabber.get(timeout=0.25)
@@ -128,10 +123,12 @@ class Agent:
 
     def _housekeeping(self, now: float) -> None:
         """Once per loop turn, frame or not: status, captures, reloads, liveness."""
-        if now - self._last_status >= self.cfg.publish.status_interval_s:
-            self._publish_status(now)
+        if now - self._last_status >= self.settings.status_interval_s:
+            self._last_status = now
+            self._publish_status()
         if self.collector is not None:
-            self._publish_captures()
+            for saved in self.collector.drain_saved():
+                self.outputs.capture(saved, self.pipeline.model_id)
         if self.reloader is not None:
             self._reload_if_asked()
         self._last_fps = self._fps.rate(now)
@@ -145,19 +142,11 @@ class Agent:
     def _process(self, frame: Frame, waited: float) -> None:
         p = self.pipeline
         t0 = self._clock()
-        ready = frame.prepared
-        if ready is not None and ready.generation == p.generation:  # done on the grabber thread
-            if ready.error is not None or ready.tensor is None:
-                self._bad_frame(frame, ready.error or "not prepared")
-                return
-            tensor, prep_seconds = ready.tensor, ready.seconds
-        else:
-            try:
-                tensor = p.prepare(frame.image)
-            except BadFrameError as e:
-                self._bad_frame(frame, str(e))
-                return
-            prep_seconds = self._clock() - t0
+        tensor = self._model_input(frame)
+        if tensor is None:
+            return
+        prep_seconds = frame.prepared.seconds if frame.prepared and frame.prepared.generation == p.generation \
+            else self._clock() - t0
         t1 = self._clock()
         try:
             embedding = p.embedder.embed(tensor)
@@ -175,52 +164,57 @@ class Agent:
             labelling_ms=round((t3 - t2) * 1e3, 3),
             end_to_end_ms=round(max(0.0, t3 - frame.captured_mono) * 1e3, 3),
         )
-        self._publish(frame, result, latency)
-        self._last_frame = frame
+        seq = self._publish(frame, result, latency)
         if self.collector is not None:
-            self.collector.observe(self._record(frame, result))
+            self.collector.observe(self._record(frame, result, seq))
         t4 = self._clock()
         self._observe(frame, (waited, prep_seconds, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
         if self.grabber.healthy():
             self.notifier.watchdog()
 
+    def _model_input(self, frame: Frame) -> np.ndarray | None:
+        """The prepared tensor (made on the grabber thread by this pipeline, or now); None for a bad frame."""
+        ready = frame.prepared
+        if ready is not None and ready.generation == self.pipeline.generation:
+            if ready.error is None and ready.tensor is not None:
+                return ready.tensor
+            self._bad_frame(frame, ready.error or "not prepared")
+            return None
+        try:
+            return self.pipeline.prepare(frame.image)
+        except BadFrameError as e:
+            self._bad_frame(frame, str(e))
+            return None
+
     def _reload_if_asked(self) -> None:
+        assert self.reloader is not None
         if self.stop.reload.is_set():
             self.stop.reload.clear()
-            self.reloader.request(self.cfg)
+            self.reloader.request()
         done = self.reloader.poll()
         if done is not None:
-            self._swap(done.config, done.pipeline)
+            self._swap(done)
 
-    def _swap(self, cfg: AgentConfig, pipeline: ModelPipeline) -> None:
-        """Switch to a verified, warmed-up pipeline between two frames.
-
-        A reload that changes neither the bundle nor the labelling keeps the running
-        pipeline, so its tags (and their smoothing) carry on instead of going off and on.
-        """
+    def _swap(self, done: Reloaded) -> None:
+        """Apply a finished reload between two frames (what it applies, reload.py decided)."""
         old_id = self.pipeline.model_id
-        unchanged = pipeline.bundle.manifest == self.pipeline.bundle.manifest and cfg.labels == self.cfg.labels
-        if unchanged:
-            pipeline = self.pipeline
-        else:
+        if done.model_changed:
             if self._last_frame is not None:  # the old model's tags end here
                 for tag in self._current_tags:
-                    self._send_event(self._last_frame, tag, on=False)
+                    self._event(self._last_frame, tag, on=False)
             self._current_tags = []
-        self.cfg, self.pipeline = cfg, pipeline
-        self.grabber.set_preparer(pipeline.prepare, pipeline.generation)
-        m = pipeline.bundle.manifest
-        self.metrics.set_model(m.model_id, m.version, m.trained, self.camera)
+        self.pipeline = done.pipeline
+        self.grabber.set_preparer(done.pipeline.prepare, done.pipeline.generation)
+        m = done.pipeline.bundle.manifest
+        self.metrics.set_model(m.model_id, m.version, m.trained, self.outputs.camera)
+        campaigns = done.config.collect.campaigns
         if self.collector is not None:
-            self.collector.set_campaigns(cfg.collect.campaigns)
+            self.collector.set_campaigns(campaigns)
             self.collector.set_model(m.model_id, m.version)
-        elif cfg.collect.campaigns:
-            self._log.warning("reload_ignored_settings", sections=["collect.campaigns"],
-                              hint="collection starts only with campaigns configured at start-up; restart")
-        self._log = log.bind(camera=self.camera, model=m.model_id)
+        self._log = log.bind(camera=self.outputs.camera, model=m.model_id)
         self._log.info(
-            "reload_applied", previous_model=old_id, model_changed=not unchanged,
-            campaigns=[c.name for c in cfg.collect.campaigns],
+            "reload_applied", previous_model=old_id, model_changed=done.model_changed,
+            campaigns=[c.name for c in campaigns],
         )
 
     def _bad_frame(self, frame: Frame, error: str) -> None:
@@ -229,50 +223,28 @@ class Agent:
 
     # ------------------------------------------------------------------ outputs
 
-    def _publish(self, frame: Frame, result: LabelResult, latency: Latency) -> None:
-        at = utc_iso(frame.captured_wall)
-        model = self.pipeline.model_id
-        msg = TagsMessage(
-            seq=self._seq, frame_id=frame.frame_id, camera=self.camera, captured_at=at, model=model,
-            tags=_tags_out(result.tags), top=_tags_out(result.tops), latency=latency,
-        )
-        self._seq += 1
-        self.publisher.send(TOPIC_TAGS, msg)
+    def _publish(self, frame: Frame, result: LabelResult, latency: Latency) -> int:
+        seq = self.outputs.tags(frame.frame_id, frame.captured_wall, self.pipeline.model_id, result, latency)
+        self._last_frame = frame
         self._current_tags = result.tags
         for change in result.changes:
-            self._send_event(frame, change.tag, change.on)
+            self._event(frame, change.tag, change.on)
+        return seq
 
-    def _send_event(self, frame: Frame, tag: Tag, on: bool) -> None:
-        event = EventMessage(
-            seq=self._event_seq, frame_id=frame.frame_id, camera=self.camera, at=utc_iso(frame.captured_wall),
-            model=self.pipeline.model_id, event="tag_on" if on else "tag_off", tag=_tags_out([tag])[0],
-        )
-        self._event_seq += 1
-        self.publisher.send(TOPIC_EVENTS, event)
+    def _event(self, frame: Frame, tag: Tag, on: bool) -> None:
+        self.outputs.event(frame.frame_id, frame.captured_wall, self.pipeline.model_id, tag, on)
         self._log.info("tag_changed", tag=tag.key, on=on, score=tag.score, frame_id=frame.frame_id)
 
-    def _record(self, frame: Frame, result: LabelResult) -> FrameRecord:
+    def _record(self, frame: Frame, result: LabelResult, seq: int) -> FrameRecord:
         return FrameRecord(
-            image=frame.image, frame_id=frame.frame_id, seq=self._seq - 1, captured_wall=frame.captured_wall,
+            image=frame.image, frame_id=frame.frame_id, seq=seq, captured_wall=frame.captured_wall,
             captured_mono=frame.captured_mono, tags={t.key: t.score for t in result.tags},
             top={t.group: (t.label, t.score) for t in result.tops},
         )
 
-    def _publish_captures(self) -> None:
-        for saved in self.collector.drain_saved():
-            job, item = saved.job, saved.item
-            msg = CaptureMessage(
-                seq=self._capture_seq, campaign=job.campaign.name, path=str(item.image.resolve()),
-                sidecar=str(item.sidecar.resolve()), bytes=item.bytes, role=job.role, offset=job.offset,
-                frame_id=job.record.frame_id, camera=self.camera, captured_at=utc_iso(job.record.captured_wall),
-                model=self.pipeline.model_id,
-            )
-            self._capture_seq += 1
-            self.publisher.send(TOPIC_CAPTURES, msg)
-
     def _observe(self, frame: Frame, stages: tuple[float, ...], end_to_end: float) -> None:
         m = self.metrics
-        for name, seconds in zip(("capture_wait", "preprocess", "inference", "labelling", "publish"), stages):
+        for name, seconds in zip(STAGES, stages):
             m.stage_seconds.labels(stage=name).observe(max(0.0, seconds))
         m.end_to_end_seconds.observe(end_to_end)
         m.frames_processed.inc()
@@ -285,17 +257,11 @@ class Agent:
         g = self.grabber
         if not g.delivered:
             return "waiting_for_camera"
-        if not g.connected or g.seconds_since_progress() > self.cfg.camera.stall_timeout_s:
+        if not g.connected or g.seconds_since_progress() > self.settings.stall_timeout_s:
             return "degraded"
         return "ok"
 
-    def _publish_status(self, now: float) -> None:
-        self._last_status = now
-        bundle = self.pipeline.bundle
-        msg = StatusMessage(
-            at=utc_iso(time.time()), camera=self.camera, model=self.pipeline.model_id,
-            trained=bundle.manifest.trained, health=self._health(), machine=platform.machine(),
-            frames_processed=self._processed, fps=round(self._last_fps, 2),
-            tags=_tags_out(self._current_tags),
-        )
-        self.publisher.send(TOPIC_STATUS, msg)
+    def _publish_status(self) -> None:
+        m = self.pipeline.bundle.manifest
+        self.outputs.status(self.pipeline.model_id, m.trained, self._health(), self._processed, self._last_fps,
+                            self._current_tags)

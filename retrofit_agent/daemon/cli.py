@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-import structlog
-from prometheus_client import CollectorRegistry
 
 from retrofit_agent import __version__
-from retrofit_agent.daemon.config import AgentConfig, load_config
+from retrofit_agent.daemon.config import load_config
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
 
 PROG = "retrofit-agent"
@@ -116,126 +113,13 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
     configure_logging(cfg.log.format, cfg.log.level, native.start())
     try:
         # SIGHUP re-reads the same sources: the file (changed on disk), environment and flags.
-        return _run_daemon(cfg, lambda: load_config(config_file, environ, args))
+        from retrofit_agent.daemon.app import run_daemon
+
+        return run_daemon(cfg, lambda: load_config(config_file, environ, args))
     except RetrofitError as e:
         return _fail(e)
     finally:
         native.stop()
-
-
-def _run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> int:
-    # Imported here so `retrofit-agent tail` and `--help` stay fast and light.
-    from retrofit_agent.daemon.agent import Agent, AgentIO
-    from retrofit_agent.daemon.capture import FrameGrabber, camera_id
-    from retrofit_agent.daemon.budget import check_memory_budget
-    from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
-    from retrofit_agent.daemon.metrics import AgentMetrics, serve_metrics
-    from retrofit_agent.daemon.pipeline import build_pipeline
-    from retrofit_agent.daemon.publish import Publisher
-    from retrofit_agent.daemon.reload import Reloader
-    from retrofit_agent.daemon.curve import is_loopback_endpoint, is_loopback_host
-
-    camera = camera_id(cfg.camera)
-    log = structlog.get_logger("retrofit_agent").bind(camera=camera)
-    stop = StopSignal()
-    stop.install()
-    notifier = SystemdNotifier()
-    metrics = AgentMetrics.create(CollectorRegistry(auto_describe=True))
-    _preflight(cfg)
-    log.info("agent_starting", version=__version__, source_kind=cfg.camera.kind, bundle=str(cfg.model.bundle))
-    with ExitStack() as stack:
-        stack.callback(notifier.close)
-        # Bind first: a taken port fails in milliseconds, and subscribers can connect while
-        # the model loads instead of missing the first frames.
-        publisher = Publisher(cfg.publish, metrics)
-        stack.callback(publisher.close)
-        metrics_port = None
-        if cfg.metrics.enabled:
-            server, _ = serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port)
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
-            metrics_port = server.server_port
-
-        def build(c: AgentConfig):
-            p = build_pipeline(c, log)
-            _check_campaigns(c, p)
-            return p
-
-        pipeline = build(cfg)
-        # Logged once the bundle loaded, so that a bad bundle's error line follows only agent_starting.
-        log.info("publishing", endpoint=publisher.endpoint, curve=publisher.encrypted)
-        if not is_loopback_endpoint(cfg.publish.endpoint):
-            log.warning("publishing_beyond_loopback", endpoint=cfg.publish.endpoint, curve=publisher.encrypted)
-        if metrics_port is not None:
-            log.info("metrics_serving", address=f"{cfg.metrics.host}:{metrics_port}")
-            if not is_loopback_host(cfg.metrics.host):
-                log.warning("metrics_beyond_loopback", address=cfg.metrics.address)
-        need = check_memory_budget(cfg, pipeline.bundle.model_path.stat().st_size)  # before any source
-        log.info("memory_budget", worst_case_mb=round(need.total / 2**20), parts=need.describe())
-        m = pipeline.bundle.manifest
-        metrics.set_model(m.model_id, m.version, m.trained, camera)
-        collector = _start_collector(cfg, pipeline, metrics, camera, stack)
-        model_bytes = pipeline.bundle.model_path.stat().st_size
-        grabber = FrameGrabber(
-            cfg.camera, metrics, admit=lambda w, h: check_memory_budget(cfg, model_bytes, source=(w, h))
-        )
-        grabber.set_preparer(pipeline.prepare, pipeline.generation)
-        grabber.start()
-        stack.callback(grabber.stop)
-        reloader = Reloader(reload_config, build, on_result=lambda r: metrics.reloads.labels(result=r).inc())
-        agent = Agent(cfg, pipeline, AgentIO(grabber, publisher, metrics, notifier, stop, collector, reloader), camera)
-        metrics.ready.set(1)
-        notifier.ready(f"labelling {camera} with {pipeline.model_id}")
-        log.info("agent_ready", model=pipeline.model_id)
-        try:
-            code = agent.run()
-        finally:
-            notifier.stopping()
-            metrics.ready.set(0)
-        processed = metrics.registry.get_sample_value("retrofit_frames_processed_total")
-        log.info("agent_stopped", reason=stop.reason or "finished", frames_processed=int(processed or 0))
-        return code
-
-
-def _preflight(cfg: AgentConfig) -> None:
-    """Refuse, before any log line, binding or model load, what no waiting can fix: an
-    unusable source kind, a missing or unreadable video file, a missing or invalid bundle
-    manifest, campaigns naming tags the manifest does not have. (A live camera that is not
-    there yet is waited for.)"""
-    from retrofit_agent.contract.bundle import read_manifest
-    from retrofit_agent.daemon.capture import check_source, open_source, resolve_kind
-
-    check_source(cfg.camera)
-    if resolve_kind(cfg.camera) == "file":
-        open_source(cfg.camera).release()
-    bank = read_manifest(Path(cfg.model.bundle)).bank  # a missing or invalid bundle; hashes are checked at load
-    if cfg.collect.campaigns:
-        from retrofit_agent.daemon.collect.collector import check_campaign_tags
-
-        check_campaign_tags(cfg.collect, {f"{g.name}.{lab.name}" for g in bank.groups for lab in g.labels})
-
-
-def _check_campaigns(cfg: AgentConfig, pipeline) -> None:
-    from retrofit_agent.daemon.collect.collector import check_campaign_tags
-
-    if cfg.collect.campaigns:
-        check_campaign_tags(cfg.collect, set(pipeline.bundle.bank.keys))
-
-
-def _start_collector(cfg: AgentConfig, pipeline, metrics, camera: str, stack: ExitStack):
-    """The collector exists only when campaigns are configured at start-up."""
-    from retrofit_agent.daemon.collect.collector import Collector
-
-    if not cfg.collect.campaigns:
-        return None
-    m = pipeline.bundle.manifest
-    collector = Collector(cfg.collect, metrics, camera, (m.model_id, m.version))
-    try:
-        collector.start()
-    except OSError as e:
-        raise ConfigError(f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}") from None
-    stack.callback(collector.stop)
-    return collector
 
 
 # --------------------------------------------------------------------------- helpers

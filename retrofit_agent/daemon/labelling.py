@@ -68,10 +68,6 @@ class ZeroShotLabeler:
         self._probs: np.ndarray | None = None
         self._on = np.zeros(len(self._keys), dtype=bool)
 
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return self._keys
-
     def probabilities(self, embedding: np.ndarray) -> np.ndarray:
         """Per-label probability, softmax-normalised within each group (stateless).
 

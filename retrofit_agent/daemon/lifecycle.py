@@ -51,9 +51,6 @@ class SystemdNotifier:
     def ready(self, status: str = "") -> None:
         self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
-    def status(self, status: str) -> None:
-        self.notify(f"STATUS={status}")
-
     def stopping(self) -> None:
         self.notify("STOPPING=1")
 

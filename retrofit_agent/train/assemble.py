@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from retrofit_agent.contract.bundle import (
     BankSpec, EmbeddingSpace, InputSpec, Manifest, ModelSpec, OutputSpec, Quantization, load_bundle, write_manifest,
 )
 from retrofit_agent.contract.errors import BundleError
+from retrofit_agent.contract.messages import utc_iso
 from retrofit_agent.contract.prompts import PromptSet
 
 MODEL_FILE = "student.int8.onnx"
@@ -66,7 +66,7 @@ def assemble_bundle(
     manifest = Manifest(
         name=name,
         version=version,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        created=utc_iso(),
         trained=trained,
         notice=notice,
         model=ModelSpec(

@@ -84,10 +84,3 @@ def sync_buffers(env: DistEnv, module: torch.nn.Module) -> None:
     for b in module.buffers():
         dist.broadcast(b, src=0)
 
-
-def broadcast_object(env: DistEnv, obj: object) -> object:
-    if not env.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

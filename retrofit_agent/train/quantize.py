@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ EXCLUDE_PRESETS = {
 class QuantSettings:
     method: str = "minmax"
     per_channel: bool = True
-    nodes_to_exclude: list[str] = field(default_factory=list)
     exclude: tuple[str, ...] = ()  # preset names from EXCLUDE_PRESETS and/or regexes
 
     def describe(self, n_images: int) -> str:
@@ -71,7 +70,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
-        excluded = list(settings.nodes_to_exclude) + nodes_matching(prepped, settings.exclude)
+        excluded = nodes_matching(prepped, settings.exclude)
         quantize_static(
             str(prepped), str(out_path), _Batches(input_name, calib),
             quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,

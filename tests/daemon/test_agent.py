@@ -8,7 +8,8 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from retrofit_agent.daemon.agent import Agent, AgentIO
+from retrofit_agent.daemon.agent import Agent, AgentIO, LoopSettings
+from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.capture import FrameGrabber
 from retrofit_agent.daemon.config import AgentConfig
 from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
@@ -49,7 +50,8 @@ def make_agent(tmp_path: Path, frames, reference_bundle: Path):
     grabber = FrameGrabber(cfg.camera, metrics, opener=lambda c: ListSource(frames))
     grabber.set_preparer(pipeline.prepare, pipeline.generation)
     publisher = Publisher(cfg.publish, metrics)
-    agent = Agent(cfg, pipeline, AgentIO(grabber, publisher, metrics, SystemdNotifier({}), StopSignal()), "test")
+    io = AgentIO(grabber, Outputs(publisher, "test"), metrics, SystemdNotifier({}), StopSignal())
+    agent = Agent(LoopSettings(), pipeline, io)
     return agent, metrics
 
 
@@ -61,7 +63,7 @@ def run_to_end(agent: Agent) -> list[dict]:
             assert agent.run() == 0
     finally:
         agent.grabber.stop()
-        agent.publisher.close()
+        agent.outputs.publisher.close()
     return logs
 
 
@@ -82,7 +84,7 @@ def test_bad_frames_are_converted_or_rejected_and_counted(tmp_path, reference_bu
         good,
     ]
     agent, metrics = make_agent(tmp_path, frames, reference_bundle)
-    sub = subscriber(agent.publisher.endpoint, ("tags",))
+    sub = subscriber(agent.outputs.publisher.endpoint, ("tags",))
     time.sleep(0.3)  # let the subscription reach the PUB socket before the first frame
     logs = run_to_end(agent)
     assert value(metrics, "retrofit_frames_processed_total") == 6

@@ -26,6 +26,7 @@ from retrofit_agent.daemon.collect.campaigns import CampaignState, Decision
 from retrofit_agent.daemon.collect.store import CaptureStore, DiskFullError, StoredItem
 from retrofit_agent.daemon.config import CampaignConfig, CollectConfig
 from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.messages import utc_iso
 from retrofit_agent.daemon.metrics import AgentMetrics
 
 log = structlog.get_logger("retrofit_agent.daemon.collect")
@@ -315,7 +316,7 @@ class Collector:
             "jpeg_quality": c.jpeg_quality,
             "role": job.role,
             "offset": job.offset,
-            "captured_at": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "captured_at": utc_iso(r.captured_wall),
             "camera": self._camera,
             "model": self.model_id,
             "model_version": self.model_version,
