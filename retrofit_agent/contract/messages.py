@@ -8,12 +8,14 @@ Bump :data:`SCHEMA_VERSION` on any incompatible change.
 from __future__ import annotations
 
 import json
+import re
+import socket
 from datetime import datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: run_id and vehicle on every message, seq on status
 TOPIC_TAGS = "tags"
 TOPIC_EVENTS = "events"
 TOPIC_STATUS = "status"
@@ -27,8 +29,25 @@ def utc_iso(ts: float | None = None) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+VEHICLE_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"  # safe as one MQTT topic level and one object-key part
+
+
+def host_vehicle_id() -> str:
+    """The vehicle id when none is configured: the host name, reduced to what VEHICLE_PATTERN allows."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", socket.gethostname()).strip("-.")[:64]
+    return name or "vehicle"
+
+
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Identified(_Msg):
+    """What every message carries so that a consumer can tell streams apart: a restart (``seq``
+    back to 0 under a new ``run_id``) from a loss (a gap in ``seq`` within one ``run_id``)."""
+
+    run_id: str = Field(description="Random id drawn at each daemon start; seq counters restart with it.")
+    vehicle: str = Field(description="Vehicle id from the daemon's config (publish.vehicle).")
 
 
 class TagOut(_Msg):
@@ -47,7 +66,7 @@ class Latency(_Msg):
     end_to_end_ms: float = Field(description="Frame capture → message ready to send.")
 
 
-class TagsMessage(_Msg):
+class TagsMessage(_Identified):
     topic: Literal["tags"] = TOPIC_TAGS
     schema_version: int = SCHEMA_VERSION
     seq: int = Field(ge=0, description="Per-process message counter, monotonic, no gaps on this topic.")
@@ -60,7 +79,7 @@ class TagsMessage(_Msg):
     latency: Latency
 
 
-class EventMessage(_Msg):
+class EventMessage(_Identified):
     topic: Literal["events"] = TOPIC_EVENTS
     schema_version: int = SCHEMA_VERSION
     seq: int = Field(ge=0, description="Per-process event counter.")
@@ -72,9 +91,10 @@ class EventMessage(_Msg):
     tag: TagOut
 
 
-class StatusMessage(_Msg):
+class StatusMessage(_Identified):
     topic: Literal["status"] = TOPIC_STATUS
     schema_version: int = SCHEMA_VERSION
+    seq: int = Field(ge=0, description="Per-process status counter.")
     at: str
     camera: str
     model: str
@@ -89,7 +109,7 @@ class StatusMessage(_Msg):
     tags: list[TagOut] = Field(description="Tags that are on now.")
 
 
-class CaptureMessage(_Msg):
+class CaptureMessage(_Identified):
     topic: Literal["captures"] = TOPIC_CAPTURES
     schema_version: int = SCHEMA_VERSION
     seq: int = Field(ge=0, description="Per-process capture counter.")

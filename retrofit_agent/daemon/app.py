@@ -86,11 +86,12 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
         reloader = Reloader(cfg, pipeline, reload_config, build, collecting=collector is not None,
                             on_result=lambda r: metrics.reloads.labels(result=r).inc())
         settings = LoopSettings(cfg.publish.status_interval_s, cfg.camera.stall_timeout_s, cfg.max_frames)
-        io = AgentIO(grabber, Outputs(publisher, camera), metrics, notifier, stop, collector, reloader)
+        outputs = Outputs(publisher, camera, cfg.publish.vehicle)
+        io = AgentIO(grabber, outputs, metrics, notifier, stop, collector, reloader)
         agent = Agent(settings, pipeline, io)
         metrics.ready.set(1)
         notifier.ready(f"labelling {camera} with {pipeline.model_id}")
-        log.info("agent_ready", model=pipeline.model_id)
+        log.info("agent_ready", model=pipeline.model_id, vehicle=outputs.vehicle, run_id=outputs.run_id)
         try:
             code = agent.run()
         finally:

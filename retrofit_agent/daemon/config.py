@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.messages import VEHICLE_PATTERN
 from retrofit_agent.contract.settings import deep_merge, env_overrides, format_validation_error, read_toml, set_path
 
 ENV_PREFIX = "RETROFIT_"
@@ -144,6 +145,11 @@ class PublishConfig(_Section):
     )
     curve: CurveConfig | None = Field(
         None, description="ZeroMQ CURVE encryption and client authentication; unset publishes in the clear."
+    )
+    vehicle: str | None = Field(
+        None,
+        pattern=VEHICLE_PATTERN,
+        description="Vehicle id in every message (letters, digits, '.', '_', '-'; at most 64); unset: the host name.",
     )
 
     @field_validator("endpoint")

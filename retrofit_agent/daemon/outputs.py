@@ -2,16 +2,18 @@
 camera's identity, so the frame loop only says what happened.
 
 Each topic has its own gap-free ``seq`` per process: a gap seen by a subscriber is a message
-ZeroMQ dropped for it; ``seq`` starting over at 0 is a restart.
+ZeroMQ dropped for it; ``seq`` starting over at 0 under a new ``run_id`` (drawn here, once per
+daemon start) is a restart. Every message also names the ``vehicle``.
 """
 
 from __future__ import annotations
 
 import platform
+import uuid
 
 from retrofit_agent.contract.messages import (
     TOPIC_CAPTURES, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, CaptureMessage, EventMessage, Latency, StatusMessage,
-    TagOut, TagsMessage, utc_iso,
+    TagOut, TagsMessage, host_vehicle_id, utc_iso,
 )
 from retrofit_agent.daemon.collect.collector import SavedCapture
 from retrofit_agent.daemon.labelling import LabelResult, Tag
@@ -23,18 +25,21 @@ def tags_out(tags: list[Tag]) -> list[TagOut]:
 
 
 class Outputs:
-    def __init__(self, publisher: Publisher, camera: str) -> None:
+    def __init__(self, publisher: Publisher, camera: str, vehicle: str | None = None, run_id: str | None = None) -> None:
         self.publisher = publisher
         self.camera = camera
+        self.vehicle = vehicle or host_vehicle_id()
+        self.run_id = run_id or uuid.uuid4().hex
         self.tags_seq = 0
         self.events_seq = 0
         self.captures_seq = 0
+        self.status_seq = 0
 
     def tags(self, frame_id: int, captured_wall: float, model: str, result: LabelResult, latency: Latency) -> int:
         """Publish a frame's tags; returns the message's seq."""
         seq = self.tags_seq
         self.publisher.send(TOPIC_TAGS, TagsMessage(
-            seq=seq, frame_id=frame_id, camera=self.camera, captured_at=utc_iso(captured_wall), model=model,
+            run_id=self.run_id, vehicle=self.vehicle, seq=seq, frame_id=frame_id, camera=self.camera, captured_at=utc_iso(captured_wall), model=model,
             tags=tags_out(result.tags), top=tags_out(result.tops), latency=latency,
         ))
         self.tags_seq += 1
@@ -42,7 +47,7 @@ class Outputs:
 
     def event(self, frame_id: int, captured_wall: float, model: str, tag: Tag, on: bool) -> None:
         self.publisher.send(TOPIC_EVENTS, EventMessage(
-            seq=self.events_seq, frame_id=frame_id, camera=self.camera, at=utc_iso(captured_wall), model=model,
+            run_id=self.run_id, vehicle=self.vehicle, seq=self.events_seq, frame_id=frame_id, camera=self.camera, at=utc_iso(captured_wall), model=model,
             event="tag_on" if on else "tag_off", tag=tags_out([tag])[0],
         ))
         self.events_seq += 1
@@ -50,7 +55,7 @@ class Outputs:
     def capture(self, saved: SavedCapture, model: str) -> None:
         job, item = saved.job, saved.item
         self.publisher.send(TOPIC_CAPTURES, CaptureMessage(
-            seq=self.captures_seq, campaign=job.campaign.name, path=str(item.image.resolve()),
+            run_id=self.run_id, vehicle=self.vehicle, seq=self.captures_seq, campaign=job.campaign.name, path=str(item.image.resolve()),
             sidecar=str(item.sidecar.resolve()), bytes=item.bytes, role=job.role, offset=job.offset,
             frame_id=job.record.frame_id, camera=self.camera, captured_at=utc_iso(job.record.captured_wall),
             model=model,
@@ -60,6 +65,7 @@ class Outputs:
     def status(self, model: str, trained: bool, health: str, frames_processed: int, fps: float,
                tags: list[Tag]) -> None:
         self.publisher.send(TOPIC_STATUS, StatusMessage(
-            at=utc_iso(), camera=self.camera, model=model, trained=trained, health=health,  # type: ignore[arg-type]
+            run_id=self.run_id, vehicle=self.vehicle, seq=self.status_seq, at=utc_iso(), camera=self.camera, model=model, trained=trained, health=health,  # type: ignore[arg-type]
             machine=platform.machine(), frames_processed=frames_processed, fps=round(fps, 2), tags=tags_out(tags),
         ))
+        self.status_seq += 1

@@ -21,9 +21,10 @@ def test_tail_prints_messages_from_a_real_publisher(tmp_path):
     t = threading.Thread(target=lambda: result.setdefault("code", tail(opts, out, io.StringIO())))
     t.start()
     lat = Latency(capture_wait_ms=1, preprocess_ms=1, inference_ms=30, labelling_ms=0.1, end_to_end_ms=33.3)
-    tags = TagsMessage(seq=7, frame_id=7, camera="front", captured_at="2026-01-01T00:00:00.000Z", model="m@1",
+    ids = {"run_id": "r1", "vehicle": "car-1"}
+    tags = TagsMessage(**ids, seq=7, frame_id=7, camera="front", captured_at="2026-01-01T00:00:00.000Z", model="m@1",
                        tags=[TagOut(group="weather", label="rain", score=0.8)], top=[], latency=lat)
-    status = StatusMessage(at="2026-01-01T00:00:00.000Z", camera="front", model="m@1", trained=False, health="ok",
+    status = StatusMessage(**ids, seq=0, at="2026-01-01T00:00:00.000Z", camera="front", model="m@1", trained=False, health="ok",
                            machine="aarch64", frames_processed=8, fps=30.0, tags=[])
     deadline = time.monotonic() + 10
     while t.is_alive() and time.monotonic() < deadline:  # PUB drops until the SUB has joined
@@ -44,7 +45,7 @@ def test_tail_prints_messages_from_a_real_publisher(tmp_path):
 
 def _tags(seq: int, on: list[tuple[str, str]], top: list[tuple[str, str]]) -> TagsMessage:
     lat = Latency(capture_wait_ms=1, preprocess_ms=1, inference_ms=30, labelling_ms=0.1, end_to_end_ms=33.3)
-    return TagsMessage(seq=seq, frame_id=seq, camera="front", captured_at="2026-01-01T00:00:00.000Z", model="m@1",
+    return TagsMessage(run_id="r1", vehicle="car-1", seq=seq, frame_id=seq, camera="front", captured_at="2026-01-01T00:00:00.000Z", model="m@1",
                        tags=[TagOut(group=g, label=l, score=0.8) for g, l in on],
                        top=[TagOut(group=g, label=l, score=0.8) for g, l in top], latency=lat)
 
