@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from retrofit_agent.contract.bundle import ModelSpec
+from retrofit_agent.contract.bundle import InputSpec, ModelSpec, OutputSpec, Quantization
 from retrofit_agent.contract.errors import BundleError
 
 
@@ -57,6 +57,22 @@ class Embedder:
     def from_file(cls, path: Path, spec: ModelSpec, intra_op_threads: int = 0) -> "Embedder":
         return cls(open_session(path, intra_op_threads), spec, where=f"model {path}")
 
+    @classmethod
+    def from_onnx(cls, path: Path, intra_op_threads: int = 0) -> "Embedder":
+        """An embedder for a model the exporter wrote, its spec read from the ONNX metadata.
+
+        The toolchain's gate, parity check, evaluation and bench use this, so they run the
+        model exactly as the camera does (same session options, same checks).
+        """
+        session = open_session(path, intra_op_threads)
+        return cls(session, spec_from_metadata(session, path), where=f"model {path}")
+
+    def embed_many(self, tensor: np.ndarray, batch: int = 16) -> np.ndarray:
+        """(N, ...) → (N, dim) unit embeddings, run ``batch`` at a time."""
+        out = np.concatenate([self.embed_batch(tensor[i : i + batch]) for i in range(0, len(tensor), batch)])
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1.0)
+
     def embed_batch(self, tensor: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(self._output_names, {self._input_name: tensor})
         return out
@@ -94,3 +110,19 @@ def _check_shape(actual: list, expected: list[int | None], where: str) -> None:
     if not ok:
         shown = ["N" if e is None else e for e in expected]
         raise BundleError(f"{where}: shape {actual} does not match the manifest's {shown}")
+
+
+def spec_from_metadata(session: ort.InferenceSession, path: Path) -> ModelSpec:
+    """The ModelSpec ``retrofit-model export`` recorded in the ONNX file (read through onnxruntime)."""
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in ("retrofit.input_spec", "retrofit.embedding_dim") if k not in meta]
+    if missing:
+        raise BundleError(f"model {path}: ONNX metadata lacks {missing}; export it with retrofit-model export")
+    mode = meta.get("retrofit.quantization", "none")  # written by retrofit-model quantize
+    return ModelSpec(
+        file=path.name,
+        architecture=meta.get("retrofit.architecture", "unknown"),
+        input=InputSpec.model_validate_json(meta["retrofit.input_spec"]),
+        output=OutputSpec(name=session.get_outputs()[0].name, embedding_dim=int(meta["retrofit.embedding_dim"])),
+        quantization=Quantization(mode="int8_static_qdq" if mode == "int8_static_qdq" else "none"),
+    )

@@ -6,11 +6,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from retrofit_agent.contract.embedder import open_session
+from retrofit_agent.contract.embedder import Embedder, open_session
+from retrofit_agent.contract.errors import BundleError
 from retrofit_agent.train.teacher import Teacher
 
 
@@ -61,16 +63,26 @@ def model_size_mb(path: Path) -> float:
     return total / 2**20
 
 
+def _runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
+    """A student (exported with its spec) runs through the camera's Embedder; the teacher's
+    image tower, which is no bundle model, through a session with the same options."""
+    try:
+        return Embedder.from_onnx(path, threads).embed_batch
+    except BundleError:
+        sess = open_session(path, threads)
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})
+
+
 def time_session(path: Path, shape: tuple[int, ...], threads: int, runs: int, warmup: int = 3) -> tuple[float, float]:
-    sess = open_session(path, threads)
-    name = sess.get_inputs()[0].name
+    run = _runner(path, threads)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(warmup):
-        sess.run(None, {name: x})
+        run(x)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        sess.run(None, {name: x})
+        run(x)
         times.append(time.perf_counter() - t)
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
 
@@ -90,14 +102,18 @@ def bench(models: dict[str, tuple[Path, tuple[int, ...], int]], threads: list[in
 PAPER = "paper: ~35 ms per 300x300 frame on the camera; ~25 MB student vs 1.2 GB CLIP ViT-L/14"
 
 
-def run_model_bench(teacher_name: str, bundle_dir: Path, runs: int = 20, teacher_runs: int = 8) -> list[BenchRow]:
+def run_model_bench(
+    teacher_name: str, bundle_dir: Path, runs: int = 20, teacher_runs: int = 8,
+    progress: Callable[[str], None] = print,
+) -> list[BenchRow]:
     """Export the teacher's image tower (seeded: latency and size depend on the architecture,
     not the weights) and the student fp32 (same seed as the reference build), then time both
-    beside the bundle's int8 model and print the table, ratios and the paper's figures."""
+    beside the bundle's int8 model and print the table, ratios and the paper's figures.
+    ``progress`` hears one line per stage (the whole run takes minutes)."""
     import tempfile
 
     from retrofit_agent.contract.bundle import load_bundle
-    from retrofit_agent.train.export import export_onnx
+    from retrofit_agent.train.export import export_onnx, onnx_metadata, student_input_spec
     from retrofit_agent.train.student import Student
 
     b = load_bundle(bundle_dir)
@@ -105,21 +121,27 @@ def run_model_bench(teacher_name: str, bundle_dir: Path, runs: int = 20, teacher
     arch = b.manifest.model.architecture.split("+")[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        progress(f"exporting the student fp32 ({arch}, seeded: the same architecture as the bundle's)")
         torch.manual_seed(0)
         student = Student(arch if arch != "unknown" else "efficientnet_b3",
                           embed_dim=b.manifest.model.output.embedding_dim, input_size=h).eval()
-        export_onnx(student, tmp / "student.fp32.onnx", {})
+        meta = onnx_metadata(student_input_spec(student), student.embed_dim, "bench", "0" * 16, "bench", arch)
+        export_onnx(student, tmp / "student.fp32.onnx", meta)
         del student
+        progress(f"exporting the {teacher_name} image tower (seeded: latency and size depend on the architecture)")
         teacher = Teacher(teacher_name, pretrained=None, seed=0)
         size = teacher.image_size
-        print(f"exporting {teacher_name} image tower (seeded weights; latency and size depend on the architecture)")
         export_teacher_image_tower(teacher, tmp / "teacher.onnx")
         del teacher
-        rows = bench({
+        models = {
             "teacher fp32": (tmp / "teacher.onnx", (1, 3, size, size), teacher_runs),
             "student fp32": (tmp / "student.fp32.onnx", (1, 3, h, w), runs),
             "student int8": (b.model_path, (1, 3, h, w), runs),
-        })
+        }
+        rows = []
+        for name, model in models.items():
+            progress(f"timing {name} ({model[2]} runs per thread count)")
+            rows += bench({name: model})
     print_report(rows, teacher_name)
     return rows
 

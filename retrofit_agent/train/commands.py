@@ -221,7 +221,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     held = pre.batch(_images(a.held_out, a.held_out_count, "--held-out"))
     settings = QuantSettings(method=a.method, per_channel=not a.per_tensor, exclude=tuple(a.exclude))
     quantize_int8(a.fp32, a.out, spec.name, calib, settings)
-    report = compare(a.fp32, a.out, held, load_bank(a.bank), (spec.name, meta["output_name"]), a.min_cosine, a.min_agreement)
+    report = compare(a.fp32, a.out, held, load_bank(a.bank), a.min_cosine, a.min_agreement)
     print(f"quantized {a.out} ({settings.describe(len(calib))}); {report.line()}")
     try:
         enforce(report, a.min_cosine, a.min_agreement, a.force)
@@ -328,7 +328,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from retrofit_agent.train import evaluate as ev
 
     bundle = load_bundle(a.bundle)
-    spec = bundle.manifest.model
     teacher = load_teacher(a.teacher, a.pretrained, a.seed)
     if teacher.fingerprint() != bundle.manifest.embedding_space.fingerprint:
         raise ConfigError(f"--teacher {teacher.identity} is not the teacher of {a.bundle} "
@@ -340,9 +339,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             return teacher.encode_image(torch.from_numpy(tpre.batch(frames)).to(teacher.device)).cpu().numpy()
 
     encoders = {"teacher": teacher_encode,
-                "student_int8": ev.onnx_encoder(bundle.model_path, spec.input, spec.input.name, spec.output.name)}
+                "student_int8": ev.onnx_encoder(bundle.model_path)}
     if a.fp32:
-        encoders["student_fp32"] = ev.onnx_encoder(a.fp32, spec.input, spec.input.name, spec.output.name)
+        encoders["student_fp32"] = ev.onnx_encoder(a.fp32)
     a.out.mkdir(parents=True, exist_ok=True)
     template = a.template
     if a.imagefolder:
@@ -413,44 +412,13 @@ def add_cityscapes(sub) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    """``bench.run_model_bench``, stage by stage with a progress line each (it runs for minutes)."""
-    import tempfile
-
-    import torch
-
+    """``bench.run_model_bench`` with a progress line per stage (it runs for minutes)."""
     from retrofit_agent.contract.bundle import load_bundle
-    from retrofit_agent.train.bench import bench, export_teacher_image_tower, print_report
-    from retrofit_agent.train.export import export_onnx
-    from retrofit_agent.train.student import Student
+    from retrofit_agent.train.bench import run_model_bench
 
-    b = load_bundle(a.bundle)
+    load_bundle(a.bundle)
     _known_teacher(a.teacher)  # before minutes of export, not after
-    h, w = b.manifest.model.input.height, b.manifest.model.input.width
-    arch = b.manifest.model.architecture.split("+")[0]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_dir = Path(tmp)
-        _stage("bench", "exporting the student fp32 (seeded, same architecture)", architecture=arch)
-        torch.manual_seed(0)
-        student = Student(arch if arch != "unknown" else "efficientnet_b3",
-                          embed_dim=b.manifest.model.output.embedding_dim, input_size=h).eval()
-        export_onnx(student, tmp_dir / "student.fp32.onnx", {})
-        del student
-        _stage("bench", "exporting the teacher image tower (seeded: latency and size depend on the architecture)",
-               teacher=a.teacher)
-        teacher = load_teacher(a.teacher, None, seed=0)
-        size = teacher.image_size
-        export_teacher_image_tower(teacher, tmp_dir / "teacher.onnx")
-        del teacher
-        models = {
-            "teacher fp32": (tmp_dir / "teacher.onnx", (1, 3, size, size), a.teacher_runs),
-            "student fp32": (tmp_dir / "student.fp32.onnx", (1, 3, h, w), a.runs),
-            "student int8": (b.model_path, (1, 3, h, w), a.runs),
-        }
-        for name, model in models.items():
-            _stage("bench", f"timing {name}", runs=model[2])
-            rows += bench({name: model})
-    print_report(rows, a.teacher)
+    run_model_bench(a.teacher, a.bundle, a.runs, a.teacher_runs, progress=lambda line: _stage("bench", line))
     return 0
 
 

@@ -189,15 +189,17 @@ def encode_paths(paths: Iterable[Path], encoder: Encoder, batch: int = 16) -> np
     return np.concatenate(out)
 
 
-def onnx_encoder(model: Path, spec, input_name: str, output_name: str) -> Encoder:
-    from retrofit_agent.contract.embedder import open_session
+def onnx_encoder(model: Path) -> Encoder:
+    """Frames → unit embeddings exactly as the camera computes them: the contract's
+    Preprocessor and Embedder, with the spec the exporter recorded in the model."""
+    from retrofit_agent.contract.embedder import Embedder
     from retrofit_agent.contract.preprocess import Preprocessor
 
-    sess, pre = open_session(model), Preprocessor(spec)
+    embedder = Embedder.from_onnx(model)
+    pre = Preprocessor(embedder.spec.input)
 
     def encode(frames: list[np.ndarray]) -> np.ndarray:
-        e = sess.run([output_name], {input_name: pre.batch(frames)})[0]
-        return e / np.linalg.norm(e, axis=1, keepdims=True)
+        return embedder.embed_many(pre.batch(frames))
 
     return encode
 

@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from retrofit_agent.contract.bundle import InputSpec
-from retrofit_agent.contract.embedder import open_session
+from retrofit_agent.contract.embedder import Embedder
 from retrofit_agent.contract.preprocess import Preprocessor
 from retrofit_agent.train.student import Student
 
@@ -68,5 +68,5 @@ def parity(student: Student, onnx_path: Path, frames: list[np.ndarray], spec: In
     x = Preprocessor(spec).batch(frames)
     with torch.no_grad():
         ref = student.eval()(torch.from_numpy(x).to(next(student.parameters()).device)).cpu().numpy()
-    out = open_session(onnx_path, 0).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    out = Embedder.from_onnx(onnx_path).embed_batch(x)  # the camera's own runtime path
     return float(np.abs(ref - out).max())

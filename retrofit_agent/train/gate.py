@@ -14,7 +14,7 @@ import numpy as np
 
 from retrofit_agent.contract.bundle import TextBank
 from retrofit_agent.contract.errors import RetrofitError
-from retrofit_agent.contract.embedder import open_session
+from retrofit_agent.contract.embedder import Embedder
 
 
 class QualityGateError(RetrofitError):
@@ -45,17 +45,12 @@ def group_top1(emb: np.ndarray, bank: TextBank) -> np.ndarray:
     return out
 
 
-def embed(model: Path, x: np.ndarray, input_name: str, output_name: str, batch: int = 16) -> np.ndarray:
-    sess = open_session(model)
-    out = np.concatenate([sess.run([output_name], {input_name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
 def compare(
-    fp32: Path, int8: Path, x: np.ndarray, bank: TextBank, names: tuple[str, str],
+    fp32: Path, int8: Path, x: np.ndarray, bank: TextBank,
     min_cosine: float = 0.98, min_agreement: float = 0.95,
 ) -> GateReport:
-    a, b = embed(fp32, x, *names), embed(int8, x, *names)
+    """Both models through the daemon's own Embedder (session options, manifest checks)."""
+    a, b = Embedder.from_onnx(fp32).embed_many(x), Embedder.from_onnx(int8).embed_many(x)
     cos = (a * b).sum(axis=1)
     agree = float((group_top1(a, bank) == group_top1(b, bank)).mean())
     passed = float(cos.mean()) >= min_cosine and agree >= min_agreement

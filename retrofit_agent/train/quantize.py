@@ -78,7 +78,20 @@ def quantize_int8(
             calibrate_method=_METHODS[settings.method], nodes_to_exclude=excluded or None,
             extra_options={"CalibMovingAverage": False},
         )
+    _mark_quantized(out_path)
     return out_path
+
+
+def _mark_quantized(path: Path) -> None:
+    """Record the precision in the model's metadata, beside what export wrote, so that every
+    reader (bundle assembly, the Embedder's spec) learns it from the file itself."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p for p in model.metadata_props}
+    entry = meta.get("retrofit.quantization") or model.metadata_props.add()
+    entry.key, entry.value = "retrofit.quantization", "int8_static_qdq"
+    onnx.save(model, str(path))
 
 
 def to_ort_format(onnx_path: Path) -> Path:

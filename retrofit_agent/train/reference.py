@@ -27,7 +27,7 @@ from retrofit_agent.contract.prompts import load_prompts
 from retrofit_agent.contract.sample import read_clip_frames
 from retrofit_agent.train.assemble import BANK_FILE, MODEL_FILE, assemble_bundle
 from retrofit_agent.train.bank import write_bank
-from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec
+from retrofit_agent.train.export import INPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec
 from retrofit_agent.train.quantize import QuantSettings, quantize_int8
 from retrofit_agent.train.student import Student
 from retrofit_agent.train.teacher import Teacher
@@ -68,7 +68,7 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
         settings = QuantSettings(method="minmax", per_channel=True)
         quantize_int8(fp32, out / MODEL_FILE, INPUT_NAME, [pre(f) for f in calib], settings)
         write_bank(out / BANK_FILE, teacher, prompts)
-        gate = compare(fp32, out / MODEL_FILE, pre.batch(held_out), load_bank(out / BANK_FILE), (INPUT_NAME, OUTPUT_NAME))
+        gate = compare(fp32, out / MODEL_FILE, pre.batch(held_out), load_bank(out / BANK_FILE))
         enforce(gate, 0.98, 0.95, force=False)
         report.update(int8_vs_fp32_mean_cosine=gate.mean_cosine, int8_vs_fp32_min_cosine=gate.min_cosine,
                       int8_vs_fp32_top1_agreement=gate.top1_agreement)

@@ -1,6 +1,5 @@
 """Export parity, int8 quantization, node exclusion and the quality gate on a tiny student."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ onnx = pytest.importorskip("onnx")
 from retrofit_agent.contract.bundle import TextBank  # noqa: E402
 from retrofit_agent.contract.preprocess import Preprocessor  # noqa: E402
 from retrofit_agent.contract.sample import read_clip_frames  # noqa: E402
-from retrofit_agent.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, parity, student_input_spec  # noqa: E402
+from retrofit_agent.contract.embedder import Embedder  # noqa: E402
+from retrofit_agent.train.export import INPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec  # noqa: E402
 from retrofit_agent.train.gate import QualityGateError, compare, enforce  # noqa: E402
 from retrofit_agent.train.quantize import QuantSettings, nodes_matching, quantize_int8, to_ort_format  # noqa: E402
 from retrofit_agent.train.student import Student  # noqa: E402
@@ -24,7 +24,8 @@ def tiny(tmp_path_factory, clip):
     student = Student("test_efficientnet", embed_dim=64, hidden_dim=128, input_size=96).eval()
     d = tmp_path_factory.mktemp("tiny")
     spec = student_input_spec(student)
-    export_onnx(student, d / "fp32.onnx", {"retrofit.teacher": "test"})
+    meta = onnx_metadata(spec, 64, "test", "f" * 16, "0.0.1", "test_efficientnet+mlp")
+    export_onnx(student, d / "fp32.onnx", meta)
     frames = read_clip_frames(clip)
     pre = Preprocessor(spec)
     rng = np.random.default_rng(0)
@@ -39,7 +40,8 @@ def test_export_parity_and_metadata(tiny):
     assert diff <= 1e-4
     m = onnx.load(str(tiny["dir"] / "fp32.onnx"))
     assert m.opset_import[0].version >= 17
-    assert {p.key for p in m.metadata_props} == {"retrofit.teacher"}
+    keys = {p.key for p in m.metadata_props}
+    assert {"retrofit.teacher", "retrofit.input_spec", "retrofit.embedding_dim"} <= keys
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
@@ -55,10 +57,29 @@ def test_int8_passes_the_gate_and_exclusion_is_applied(tiny):
     quantized_inputs = {i for n in q.graph.node if n.op_type == "DequantizeLinear" for i in n.output}
     stem = [n for n in q.graph.node if n.op_type == "Conv" and "conv_stem" in n.name]
     assert stem and not any(i in quantized_inputs for i in stem[0].input[1:2]), "the stem's weights stay float"
-    report = compare(d / "fp32.onnx", d / "int8.onnx", held, tiny["bank"], (INPUT_NAME, OUTPUT_NAME))
+    report = compare(d / "fp32.onnx", d / "int8.onnx", held, tiny["bank"])
     assert report.passed, report.line()
     enforce(report, 0.98, 0.95, force=False)
     assert to_ort_format(d / "int8.onnx").stat().st_size > 0
+
+
+def test_torch_fp32_onnx_and_int8_agree_on_the_same_frames(tiny):
+    """Three-way parity: the student in torch, its fp32 ONNX and its int8 QDQ, each run the way
+    its user runs it (torch eval; the camera's Embedder for both ONNX files)."""
+    d, pre = tiny["dir"], tiny["pre"]
+    if not (d / "int8.onnx").exists():
+        quantize_int8(d / "fp32.onnx", d / "int8.onnx", INPUT_NAME, [pre(f) for f in tiny["frames"][0::2]],
+                      QuantSettings())
+    x = pre.batch(tiny["frames"][1::2])
+    with torch.no_grad():
+        ref = tiny["student"].eval()(torch.from_numpy(x)).numpy()
+    fp32 = Embedder.from_onnx(d / "fp32.onnx").embed_many(x)
+    int8 = Embedder.from_onnx(d / "int8.onnx").embed_many(x)
+    assert Embedder.from_onnx(d / "int8.onnx").spec.quantization.mode == "int8_static_qdq"
+    assert np.abs(ref - fp32).max() <= 1e-4
+    cos = (fp32 * int8).sum(axis=1)
+    print(f"torch↔fp32 max |diff| {np.abs(ref - fp32).max():.2e}; fp32↔int8 cosine mean {cos.mean():.4f} min {cos.min():.4f}")
+    assert cos.min() >= 0.95
 
 
 def test_gate_refuses_a_broken_quantization(tiny):
@@ -77,7 +98,7 @@ def test_gate_refuses_a_broken_quantization(tiny):
             scale = (scale * 10.0 ** rng.uniform(-1, 1, size=scale.shape)).astype(np.float32)
             init.CopyFrom(onnx.numpy_helper.from_array(scale, init.name))
     onnx.save(m, str(d / "broken.onnx"))
-    report = compare(d / "fp32.onnx", d / "broken.onnx", held, tiny["bank"], (INPUT_NAME, OUTPUT_NAME))
+    report = compare(d / "fp32.onnx", d / "broken.onnx", held, tiny["bank"])
     assert not report.passed, report.line()
     with pytest.raises(QualityGateError, match="quality gate refused the int8 model: .*--force"):
         enforce(report, 0.98, 0.95, force=False)
