@@ -128,7 +128,7 @@ def run_model_bench(
         meta = onnx_metadata(student_input_spec(student), student.embed_dim, "bench", "0" * 16, "bench", arch)
         export_onnx(student, tmp / "student.fp32.onnx", meta)
         del student
-        progress(f"exporting the {teacher_name} image tower (seeded: latency and size depend on the architecture)")
+        progress(f"exporting the teacher image tower ({teacher_name}, seeded: latency and size depend on the architecture)")
         teacher = Teacher(teacher_name, pretrained=None, seed=0)
         size = teacher.image_size
         export_teacher_image_tower(teacher, tmp / "teacher.onnx")
