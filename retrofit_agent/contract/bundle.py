@@ -13,7 +13,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from retrofit_agent.contract.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION: Final = 1
 
 
 class _Strict(BaseModel):
@@ -300,5 +300,5 @@ def save_bank(
         labels=np.asarray(labels, dtype=np.str_),
         teacher=np.asarray(teacher, dtype=np.str_),
         fingerprint=np.asarray(fingerprint, dtype=np.str_),
-        **extra,
+        **extra,  # type: ignore[arg-type]  # numpy's stub takes **kwds for the allow_pickle flag
     )

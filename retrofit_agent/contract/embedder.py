@@ -75,11 +75,11 @@ class Embedder:
 
     def embed_batch(self, tensor: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(self._output_names, {self._input_name: tensor})
-        return out
+        return np.asarray(out)
 
     def embed(self, tensor: np.ndarray) -> np.ndarray:
         """(1, ...) tensor → (dim,) float32 embedding, re-normalised for safety under int8."""
-        e = self.embed_batch(tensor)[0]
+        e: np.ndarray = self.embed_batch(tensor)[0]
         n = float(np.linalg.norm(e))
         return e / n if n > 0 else e
 
@@ -95,7 +95,7 @@ def _expected_input_shape(spec: ModelSpec) -> list[int | None]:
     return [None, 3, h, w] if spec.input.layout == "NCHW" else [None, h, w, 3]
 
 
-def _find(args: list, name: str, what: str, where: str):
+def _find(args: list[ort.NodeArg], name: str, what: str, where: str) -> ort.NodeArg:
     for a in args:
         if a.name == name:
             return a
@@ -103,7 +103,7 @@ def _find(args: list, name: str, what: str, where: str):
     raise BundleError(f"{where}: manifest names {what} {name!r} but the model has {names}")
 
 
-def _check_shape(actual: list, expected: list[int | None], where: str) -> None:
+def _check_shape(actual: list[int | str | None], expected: list[int | None], where: str) -> None:
     ok = len(actual) == len(expected) and all(
         e is None or not isinstance(a, int) or a == e for a, e in zip(actual, expected)
     )

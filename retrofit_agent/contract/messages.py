@@ -11,16 +11,19 @@ import json
 import re
 import socket
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 2  # 2: run_id and vehicle on every message, seq on status
-TOPIC_TAGS = "tags"
-TOPIC_EVENTS = "events"
-TOPIC_STATUS = "status"
-TOPIC_CAPTURES = "captures"
+TOPIC_TAGS: Final = "tags"
+TOPIC_EVENTS: Final = "events"
+TOPIC_STATUS: Final = "status"
+TOPIC_CAPTURES: Final = "captures"
 TOPICS = (TOPIC_TAGS, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_CAPTURES)
+
+
+Health = Literal["waiting_for_camera", "ok", "degraded"]
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -99,7 +102,7 @@ class StatusMessage(_Identified):
     camera: str
     model: str
     trained: bool = Field(description="False when the bundle's weights are seeded, not trained.")
-    health: Literal["waiting_for_camera", "ok", "degraded"] = Field(
+    health: Health = Field(
         description="'waiting_for_camera' until the source first delivers a frame; 'degraded' while a source "
         "that did deliver is lost, frozen or reconnecting; 'ok' otherwise."
     )
@@ -125,9 +128,9 @@ class CaptureMessage(_Identified):
     model: str
 
 
-def json_schema() -> dict:
+def json_schema() -> dict[str, Any]:
     """One JSON Schema document with a definition per topic."""
-    defs: dict = {}
+    defs: dict[str, Any] = {}
     for model in (TagsMessage, EventMessage, StatusMessage, CaptureMessage):
         schema = model.model_json_schema(ref_template="#/$defs/{model}")
         defs.update(schema.pop("$defs", {}))

@@ -45,7 +45,7 @@ def write_clip(path: Path, n_frames: int = 150, fps: float = 15.0, size: tuple[i
     """Write the clip as MPEG-4 Part 2 (decodable by every OpenCV/FFmpeg build)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, size)
     if not writer.isOpened():
         raise ConfigError(f"cannot write video {path} (use a .mp4 or .avi name in a writable folder)")
     try:

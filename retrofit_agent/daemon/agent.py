@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from retrofit_agent.contract.messages import Latency
+from retrofit_agent.contract.messages import Health, Latency
 from retrofit_agent.contract.preprocess import BadFrameError
 from retrofit_agent.daemon.capture import Frame, FrameGrabber
 from retrofit_agent.daemon.collect.collector import Collector, FrameRecord
@@ -253,7 +253,7 @@ class Agent:
         m.fps.set(self._last_fps)
         self._processed += 1
 
-    def _health(self) -> str:
+    def _health(self) -> Health:
         g = self.grabber
         if not g.delivered:
             return "waiting_for_camera"

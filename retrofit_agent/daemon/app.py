@@ -78,7 +78,7 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
         collector = _start_collector(cfg, pipeline, metrics, camera, stack)
         model_bytes = pipeline.bundle.model_path.stat().st_size
         grabber = FrameGrabber(
-            cfg.camera, metrics, admit=lambda w, h: check_memory_budget(cfg, model_bytes, source=(w, h))
+            cfg.camera, metrics, admit=lambda w, h: _admit(cfg, model_bytes, w, h)
         )
         grabber.set_preparer(pipeline.prepare, pipeline.generation)
         grabber.start()
@@ -134,3 +134,8 @@ def _start_collector(
         raise ConfigError(f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}") from None
     stack.callback(collector.stop)
     return collector
+
+
+def _admit(cfg: AgentConfig, model_bytes: int, width: int, height: int) -> None:
+    """The grabber's check of each source's frame size against the memory budget."""
+    check_memory_budget(cfg, model_bytes, source=(width, height))

@@ -98,6 +98,7 @@ def check_memory_budget(
 ) -> MemoryEstimate:
     """Raise ConfigError if the config's worst case (with a source of that size) cannot fit the budget."""
     need = estimate(cfg, model_bytes, source)
+    budget: int | None
     if cfg.limits.memory_mb is not None:
         budget, origin = cfg.limits.memory_mb * MB, "limits.memory_mb"
     else:

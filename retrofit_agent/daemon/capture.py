@@ -142,7 +142,7 @@ def open_source(cfg: CameraConfig) -> cv2.VideoCapture:
 def _apply_v4l2_settings(cap: cv2.VideoCapture, cfg: CameraConfig) -> None:
     cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver queue holds one frame: always the newest
     if cfg.fourcc:
-        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*cfg.fourcc))
+        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*cfg.fourcc))
     if cfg.width:
         cap.set(cv2.CAP_PROP_FRAME_WIDTH, cfg.width)
     if cfg.height:
@@ -445,13 +445,14 @@ class FrameGrabber:
                 delay = self.cfg.backoff_initial_s
                 pts = stream_seconds(source)
                 if pacer is not None:
-                    produced: float | None = pacer.deadline(pts)
+                    produced = pacer.deadline(pts)
                     self._stop.wait(max(0.0, produced - self._clock()))
                 elif self.live:
-                    produced = clock.observe(pts, self._clock(), image)
-                    if produced is None:
+                    fresh = clock.observe(pts, self._clock(), image)
+                    if fresh is None:
                         self._metrics.frames_stale.inc()
                         continue
+                    produced = fresh
                 else:
                     produced = self._clock()
                 self._deliver(gen, image, produced)

@@ -41,7 +41,7 @@ def load_public_key(path: Path, what: str) -> bytes:
     return public
 
 
-def make_curve_server(socket: zmq.Socket, secret_cert: Path, authorized_dir: Path) -> ThreadAuthenticator:
+def make_curve_server(socket: zmq.Socket[bytes], secret_cert: Path, authorized_dir: Path) -> ThreadAuthenticator:
     """Turn ``socket`` (before bind) into a CURVE server admitting only authorised clients."""
     if not authorized_dir.is_dir():
         raise ConfigError(f"publish.curve.authorized_keys_dir: not a directory: {authorized_dir}")
@@ -55,7 +55,7 @@ def make_curve_server(socket: zmq.Socket, secret_cert: Path, authorized_dir: Pat
     return auth
 
 
-def make_curve_client(socket: zmq.Socket, client_cert: Path, server_public: Path) -> None:
+def make_curve_client(socket: zmq.Socket[bytes], client_cert: Path, server_public: Path) -> None:
     public, secret = load_secret_certificate(client_cert, "client certificate")
     socket.curve_secretkey = secret
     socket.curve_publickey = public

@@ -49,7 +49,8 @@ class ZeroShotLabeler:
         self._scale = float(spec.logit_scale)
         self._keys = bank.keys
         self._groups: list[tuple[str, np.ndarray]] = []
-        thresholds, negative = [], []
+        thresholds: list[float] = []
+        negative: list[bool] = []
         for g in spec.groups:
             start = len(thresholds)
             for lab in g.labels:
@@ -91,9 +92,9 @@ class ZeroShotLabeler:
         on = np.where(self._on, p >= self._off_at, p >= self._on_at) & self._taggable
         changed = np.flatnonzero(on != self._on)
         self._on = on
-        tags = [self._tag(i, p) for i in np.flatnonzero(on)]
+        tags = [self._tag(int(i), p) for i in np.flatnonzero(on)]
         tops = [self._tag(int(idx[np.argmax(p[idx])]), p) for _, idx in self._groups]
-        changes = [TagChange(self._tag(i, p), bool(on[i])) for i in changed]
+        changes = [TagChange(self._tag(int(i), p), bool(on[i])) for i in changed]
         return LabelResult(tags=tags, tops=tops, changes=changes)
 
     def _tag(self, i: int, p: np.ndarray) -> Tag:

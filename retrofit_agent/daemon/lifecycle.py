@@ -41,7 +41,7 @@ class SystemdNotifier:
         return self._sock is not None
 
     def notify(self, state: str) -> None:
-        if self._sock is None:
+        if self._sock is None or self._addr is None:
             return
         try:
             self._sock.sendto(state.encode(), self._addr)

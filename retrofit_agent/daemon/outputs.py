@@ -12,7 +12,7 @@ import platform
 import uuid
 
 from retrofit_agent.contract.messages import (
-    TOPIC_CAPTURES, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, CaptureMessage, EventMessage, Latency, StatusMessage,
+    TOPIC_CAPTURES, TOPIC_EVENTS, TOPIC_STATUS, TOPIC_TAGS, CaptureMessage, EventMessage, Health, Latency, StatusMessage,
     TagOut, TagsMessage, host_vehicle_id, utc_iso,
 )
 from retrofit_agent.daemon.collect.collector import SavedCapture
@@ -62,10 +62,10 @@ class Outputs:
         ))
         self.captures_seq += 1
 
-    def status(self, model: str, trained: bool, health: str, frames_processed: int, fps: float,
+    def status(self, model: str, trained: bool, health: Health, frames_processed: int, fps: float,
                tags: list[Tag]) -> None:
         self.publisher.send(TOPIC_STATUS, StatusMessage(
-            run_id=self.run_id, vehicle=self.vehicle, seq=self.status_seq, at=utc_iso(), camera=self.camera, model=model, trained=trained, health=health,  # type: ignore[arg-type]
+            run_id=self.run_id, vehicle=self.vehicle, seq=self.status_seq, at=utc_iso(), camera=self.camera, model=model, trained=trained, health=health,
             machine=platform.machine(), frames_processed=frames_processed, fps=round(fps, 2), tags=tags_out(tags),
         ))
         self.status_seq += 1

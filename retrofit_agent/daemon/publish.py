@@ -17,7 +17,7 @@ from retrofit_agent.daemon.curve import make_curve_server
 
 
 class Publisher:
-    def __init__(self, cfg: PublishConfig, metrics: AgentMetrics, context: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: PublishConfig, metrics: AgentMetrics, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self._ctx = context or zmq.Context.instance()
         self._metrics = metrics
         self.socket = self._ctx.socket(zmq.PUB)

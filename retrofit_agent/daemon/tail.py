@@ -12,7 +12,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import zmq
 
@@ -36,7 +36,7 @@ class TailOptions:
     summary: bool = False  # per-group counts of the tags messages at exit
 
 
-def format_message(topic: str, msg: dict) -> str:
+def format_message(topic: str, msg: dict[str, Any]) -> str:
     if topic == "tags":
         tags = " ".join(f"{t['group']}.{t['label']}={t['score']:.2f}" for t in msg["tags"]) or "-"
         return f"tags   seq={msg['seq']} frame={msg['frame_id']} e2e={msg['latency']['end_to_end_ms']:.1f}ms on: {tags}"
@@ -62,7 +62,7 @@ class Summary:
         self.top: dict[str, Counter[str]] = defaultdict(Counter)
         self.on: dict[str, Counter[str]] = defaultdict(Counter)
 
-    def add(self, topic: str, msg: dict) -> None:
+    def add(self, topic: str, msg: dict[str, Any]) -> None:
         if topic != "tags":
             return
         self.frames += 1
@@ -111,8 +111,8 @@ def legend(manifest: Manifest, bundle: Path) -> list[str]:
     return out
 
 
-def _connect(opts: TailOptions) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.SUB)
+def _connect(opts: TailOptions) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         if opts.curve is not None:
@@ -123,7 +123,7 @@ def _connect(opts: TailOptions) -> zmq.Socket:
     except zmq.ZMQError as e:
         sock.close()
         raise ConfigError(
-            f"--endpoint: cannot connect to {opts.endpoint!r}: {zmq.strerror(e.errno)}; use tcp://HOST:PORT or ipc://PATH"
+            f"--endpoint: cannot connect to {opts.endpoint!r}: {zmq.strerror(e.errno or 0)}; use tcp://HOST:PORT or ipc://PATH"
         ) from None
     except ConfigError:
         sock.close()

@@ -301,7 +301,10 @@ class Collector:
             done = encode(r.image, how)
         else:  # a reload changed the campaign's encoding after the frame entered the ring
             first = next(iter(r.encoded.values()))
-            done = encode(cv2.imdecode(np.frombuffer(first.jpeg, np.uint8), cv2.IMREAD_COLOR), how)
+            decoded = cv2.imdecode(np.frombuffer(first.jpeg, np.uint8), cv2.IMREAD_COLOR)
+            if decoded is None:
+                raise ValueError("a pre-trigger JPEG could not be decoded")
+            done = encode(decoded, how)
         jpeg = done.jpeg
         when = datetime.fromtimestamp(r.captured_wall, tz=timezone.utc)
         capture_id = f"{when:%Y%m%dT%H%M%S_%f}Z_{self._camera_safe}_{r.frame_id:09d}"

@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
@@ -132,7 +132,7 @@ class CaptureStore:
 
     # ------------------------------------------------------------------ writing
 
-    def save(self, campaign: str, day: str, capture_id: str, jpeg: bytes, sidecar: dict) -> tuple[StoredItem, list[StoredItem]]:
+    def save(self, campaign: str, day: str, capture_id: str, jpeg: bytes, sidecar: dict[str, Any]) -> tuple[StoredItem, list[StoredItem]]:
         """Write one pair atomically; evict the oldest to stay under the caps.
 
         Returns the stored item and the evicted ones. Raises DiskFullError on ENOSPC (after
