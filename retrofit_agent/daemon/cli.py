@@ -296,6 +296,18 @@ def sample_clip_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def uplink_parser() -> argparse.ArgumentParser:
+    from retrofit_agent.daemon.uplink.cli import uplink_parser as parser
+
+    return parser()
+
+
+def uplink_main(argv: Sequence[str]) -> int:
+    from retrofit_agent.daemon.uplink.cli import uplink_main as main
+
+    return main(argv)
+
+
 @dataclass(frozen=True)
 class Subcommand:
     help: str
@@ -310,6 +322,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "sample-clip": Subcommand("write the synthetic sample driving clip", sample_clip_parser, sample_clip_main),
     "keys": Subcommand("generate CURVE certificates or Ed25519 bundle-signing keys", keys_parser, keys_main),
     "sign-bundle": Subcommand("sign a bundle's manifest with an Ed25519 key", sign_bundle_parser, sign_bundle_main),
+    "uplink": Subcommand("forward messages and captures off the vehicle (MQTT, S3)", uplink_parser, uplink_main),
 }
 
 
