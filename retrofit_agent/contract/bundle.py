@@ -73,6 +73,25 @@ class ModelSpec(_Strict):
     quantization: Quantization
 
 
+class Agreement(_Strict):
+    """How closely a variant follows the fp32 model, measured by the quality gate at bundle time."""
+
+    mean_cosine: float = Field(ge=-1, le=1, description="Mean cosine between its and fp32's embeddings.")
+    min_cosine: float = Field(ge=-1, le=1, description="Worst image's cosine.")
+    top1_agreement: float = Field(ge=0, le=1, description="Zero-shot top-1 agreement with fp32, per group.")
+    images: int = Field(ge=1, description="Held-out images compared.")
+
+
+class VariantSpec(_Strict):
+    """One more encoder for the same embedding space: same input, output and bank, another precision."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="Variant name, e.g. 'int8', 'fp32'.")
+    file: str = Field(description="ONNX file, relative to the bundle.")
+    quantization: Quantization
+    agreement: Agreement = Field(description="Agreement with the fp32 model (1.0 for fp32 itself).")
+    bytes: int = Field(ge=0, description="Size of the ONNX file.")
+
+
 class EmbeddingSpace(_Strict):
     """Identity of the space image and text embeddings live in (the teacher's)."""
 
@@ -112,10 +131,30 @@ class Manifest(_Strict):
     embedding_space: EmbeddingSpace
     bank: BankSpec
     files: dict[str, str] = Field(description="sha256 of every file, by relative path.")
+    variants: list[VariantSpec] = Field(
+        default_factory=list,
+        description="Encoders the daemon may choose between at start-up; empty: 'model' is the only one.",
+    )
 
     @property
     def model_id(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def model_variants(self) -> dict[str, ModelSpec]:
+        """Every encoder by variant name, as a full ModelSpec; a bundle without variants has one, 'default'."""
+        if not self.variants:
+            return {"default": self.model}
+        return {v.name: self.model.model_copy(update={"file": v.file, "quantization": v.quantization})
+                for v in self.variants}
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> "Manifest":
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if self.variants and self.model.file not in {v.file for v in self.variants}:
+            raise ValueError(f"model.file {self.model.file!r} must be one of the variants' files")
+        return self
 
 
 @dataclass(frozen=True)
@@ -164,7 +203,7 @@ def _safe_member(root: Path, rel: str) -> Path:
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
-    for needed in (manifest.model.file, manifest.bank.file):
+    for needed in (manifest.model.file, manifest.bank.file, *(v.file for v in manifest.variants)):
         if needed not in manifest.files:
             raise BundleError(f"bundle {root}: manifest lists no sha256 for {needed!r}; rebuild the bundle")
     for rel, expected in manifest.files.items():
@@ -280,7 +319,8 @@ def load_bundle(root: Path | str, signing_public_key: Path | None = None) -> Bun
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` with the sha256 of the model and bank filled in."""
-    files = {rel: sha256_file(root / rel) for rel in sorted({manifest.model.file, manifest.bank.file, *manifest.files})}
+    listed = {manifest.model.file, manifest.bank.file, *(v.file for v in manifest.variants), *manifest.files}
+    files = {rel: sha256_file(root / rel) for rel in sorted(listed)}
     final = manifest.model_copy(update={"files": files})
     path = root / MANIFEST_NAME
     path.write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")

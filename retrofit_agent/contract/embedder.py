@@ -11,27 +11,28 @@ from retrofit_agent.contract.bundle import InputSpec, ModelSpec, OutputSpec, Qua
 from retrofit_agent.contract.errors import BundleError
 
 
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, spinning: bool = False) -> ort.SessionOptions:
     """Options for a latency-bound, single-stream daemon.
 
-    Spinning is off: on a 2-core camera busy-waiting intra-op threads steal the core the
-    grabber thread needs to decode the next frame.
+    Spinning is off by default: on a 2-core camera busy-waiting intra-op threads steal the
+    core the grabber thread needs to decode the next frame. The daemon turns it on only
+    where measurement on the device says it pays (``daemon/variants.py``).
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 
 
-def open_session(path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
+def open_session(path: Path, intra_op_threads: int = 0, spinning: bool = False) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(
-            str(path), sess_options=session_options(intra_op_threads), providers=["CPUExecutionProvider"]
+            str(path), sess_options=session_options(intra_op_threads, spinning), providers=["CPUExecutionProvider"]
         )
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -54,8 +55,8 @@ class Embedder:
         self._output_names = [out.name]
 
     @classmethod
-    def from_file(cls, path: Path, spec: ModelSpec, intra_op_threads: int = 0) -> "Embedder":
-        return cls(open_session(path, intra_op_threads), spec, where=f"model {path}")
+    def from_file(cls, path: Path, spec: ModelSpec, intra_op_threads: int = 0, spinning: bool = False) -> "Embedder":
+        return cls(open_session(path, intra_op_threads, spinning), spec, where=f"model {path}")
 
     @classmethod
     def from_onnx(cls, path: Path, intra_op_threads: int = 0) -> "Embedder":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import structlog
@@ -14,6 +15,7 @@ from retrofit_agent.contract.embedder import Embedder
 from retrofit_agent.contract.preprocess import Preprocessor, to_bgr8
 from retrofit_agent.daemon.config import AgentConfig
 from retrofit_agent.daemon.labelling import ZeroShotLabeler
+from retrofit_agent.daemon.variants import Candidate, Choice, Tuner
 
 _generations = itertools.count(1)
 
@@ -30,11 +32,21 @@ class ModelPipeline:
     preprocess: Preprocessor
     embedder: Embedder
     labeler: ZeroShotLabeler
+    choice: Choice | None = None  # which variant, threads and spinning start-up timing chose
     generation: int = field(default_factory=lambda: next(_generations))
 
     @property
     def model_id(self) -> str:
         return self.bundle.manifest.model_id
+
+    @property
+    def model_path(self) -> Path:
+        """The encoder file actually running (a variant's, when the bundle has several)."""
+        return self.bundle.model_path if self.choice is None else self.bundle.root / self.choice.spec.file
+
+    @property
+    def running(self) -> Candidate | None:
+        return None if self.choice is None else self.choice.candidate
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Raw frame → model input; raises BadFrameError for frames that cannot be used."""
@@ -48,11 +60,18 @@ def build_pipeline(cfg: AgentConfig, log: structlog.typing.FilteringBoundLogger)
     m = bundle.manifest
     if not m.trained:
         log.warning("bundle_untrained", model=m.model_id, notice=m.notice)
-    embedder = Embedder.from_file(bundle.model_path, m.model, cfg.model.intra_op_threads)
     labeler = ZeroShotLabeler(bundle.bank, m.bank, cfg.labels)
-    embedder.warmup(cfg.model.warmup_runs)
+    # Timing candidates also warms the winner up; by CPU time when a CPU budget binds.
+    choice = Tuner(m, bundle.root, cfg.model, by_cpu=cfg.budget.max_cpu is not None).choose()
+    c = choice.candidate
     log.info(
-        "model_loaded", model=m.model_id, architecture=m.model.architecture, quantization=m.model.quantization.mode,
-        teacher=m.embedding_space.teacher, labels=len(bundle.bank.labels), seconds=round(time.monotonic() - t0, 3),
+        "model_tuned", variant=c.variant, threads=c.threads, spinning=c.spinning, seconds=round(choice.seconds, 3),
+        trials=choice.describe(), skipped=choice.skipped, by="cpu" if cfg.budget.max_cpu is not None else "latency",
     )
-    return ModelPipeline(bundle=bundle, preprocess=Preprocessor(m.model.input), embedder=embedder, labeler=labeler)
+    log.info(
+        "model_loaded", model=m.model_id, architecture=m.model.architecture,
+        quantization=choice.spec.quantization.mode, teacher=m.embedding_space.teacher, labels=len(bundle.bank.labels),
+        seconds=round(time.monotonic() - t0, 3),
+    )
+    return ModelPipeline(bundle=bundle, preprocess=Preprocessor(m.model.input), embedder=choice.embedder,
+                         labeler=labeler, choice=choice)

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from retrofit_agent.contract.bundle import (
-    BankSpec, EmbeddingSpace, InputSpec, Manifest, ModelSpec, OutputSpec, Quantization, load_bundle, write_manifest,
+    BankSpec, EmbeddingSpace, InputSpec, Manifest, ModelSpec, OutputSpec, Quantization, VariantSpec, load_bundle,
+    write_manifest,
 )
 from retrofit_agent.contract.errors import BundleError
 from retrofit_agent.contract.messages import utc_iso
@@ -52,9 +53,11 @@ def assemble_bundle(
     trained: bool | None,
     notice: str = "",
     quantization: Quantization,
+    variants: list[VariantSpec] | None = None,
 ) -> Path:
+    """With ``variants`` (already in ``out``, see train/variants.py), ``model`` is the first of them."""
     out.mkdir(parents=True, exist_ok=True)
-    model_dst, bank_dst = out / MODEL_FILE, out / BANK_FILE
+    model_dst, bank_dst = out / (variants[0].file if variants else MODEL_FILE), out / BANK_FILE
     for src, dst in ((model, model_dst), (bank, bank_dst)):
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
@@ -70,7 +73,7 @@ def assemble_bundle(
         trained=trained,
         notice=notice,
         model=ModelSpec(
-            file=MODEL_FILE,
+            file=model_dst.name,
             architecture=meta.get("retrofit.architecture", "unknown"),
             input=InputSpec.model_validate(json.loads(meta["retrofit.input_spec"])),
             output=OutputSpec(name=meta["output_name"], embedding_dim=int(meta["retrofit.embedding_dim"])),
@@ -79,6 +82,7 @@ def assemble_bundle(
         embedding_space=EmbeddingSpace(teacher=meta["retrofit.teacher"], fingerprint=meta["retrofit.fingerprint"]),
         bank=BankSpec(file=BANK_FILE, logit_scale=bank_logit_scale(bank_dst), groups=prompts.group_specs()),
         files={},
+        variants=variants or [],
     )
     write_manifest(out, manifest)
     load_bundle(out)  # the daemon's own checks: hashes, bank ↔ model space and dimension
