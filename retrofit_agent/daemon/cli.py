@@ -110,7 +110,7 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
     # OpenCV/FFmpeg write to fd 2 from C: route that into structured events, and our own
     # logs to a copy of the original stderr.
     native = NativeStderr()
-    configure_logging(cfg.log.format, cfg.log.level, native.start())
+    configure_logging(cfg.log.format, cfg.log.level, native.start(debug=cfg.log.level == "debug"))
     try:
         # SIGHUP re-reads the same sources: the file (changed on disk), environment and flags.
         from retrofit_agent.daemon.app import run_daemon

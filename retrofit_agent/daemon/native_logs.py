@@ -60,8 +60,13 @@ class NativeStderr:
         self._log = structlog.get_logger("retrofit_agent.native")
         self.stream: TextIO = sys.stderr
 
-    def start(self) -> TextIO:
-        """Redirect fd 2 into the pipe; returns the stream Python's own output should use."""
+    def start(self, debug: bool = False) -> TextIO:
+        """Redirect fd 2 into the pipe; returns the stream Python's own output should use.
+
+        The libraries' own levels are set first, so the pipe carries only what is worth a
+        line: OpenCV warnings and FFmpeg errors (all of it under ``debug``).
+        """
+        _set_library_levels(debug)
         try:
             self._saved_fd = os.dup(2)
             read_fd, write_fd = os.pipe()
@@ -108,3 +113,17 @@ class NativeStderr:
             self._log.warning("native_log_suppressed", count=ended)
         if ok:
             self._log.warning("native_log", library=_library(line), text=line[:500])
+
+
+def _set_library_levels(debug: bool) -> None:
+    # FFmpeg's level is read by OpenCV's FFmpeg backend when it first loads (AV_LOG_ERROR is
+    # 16, AV_LOG_VERBOSE 40); an operator's own OPENCV_FFMPEG_LOGLEVEL wins.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "40" if debug else "16")
+    try:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(
+            cv2.utils.logging.LOG_LEVEL_DEBUG if debug else cv2.utils.logging.LOG_LEVEL_WARNING
+        )
+    except (ImportError, AttributeError):  # an OpenCV build without the logging module
+        pass
