@@ -80,6 +80,9 @@ class TagsMessage(_Identified):
     tags: list[TagOut] = Field(description="Tags that are on.")
     top: list[TagOut] = Field(description="Each group's most probable label.")
     latency: Latency
+    published_at: str | None = Field(
+        None, description="UTC wall-clock time the message was sent, ISO 8601 (same clock as captured_at)."
+    )
 
 
 class EventMessage(_Identified):
@@ -110,6 +113,12 @@ class StatusMessage(_Identified):
     frames_processed: int
     fps: float
     tags: list[TagOut] = Field(description="Tags that are on now.")
+    variant: str | None = Field(
+        None, description="Model variant, threads and spinning timed fastest at start-up, e.g. 'int8/2t/nospin'."
+    )
+    thermal: Literal["ok", "throttled", "critical", "unknown"] | None = Field(
+        None, description="Thermal budget state; null without a temperature sensor."
+    )
 
 
 class CaptureMessage(_Identified):

@@ -18,6 +18,7 @@ import structlog
 
 from retrofit_agent.contract.messages import Health, Latency
 from retrofit_agent.contract.preprocess import BadFrameError
+from retrofit_agent.daemon.budget_cpu import Pacer
 from retrofit_agent.daemon.capture import Frame, FrameGrabber
 from retrofit_agent.daemon.collect.collector import Collector, FrameRecord
 from retrofit_agent.daemon.labelling import LabelResult, Tag
@@ -26,6 +27,7 @@ from retrofit_agent.daemon.metrics import AgentMetrics
 from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.pipeline import ModelPipeline
 from retrofit_agent.daemon.reload import Reloaded, Reloader
+from retrofit_agent.daemon.variants import record
 
 log = structlog.get_logger("retrofit_agent.daemon.agent")
 
@@ -72,6 +74,7 @@ class AgentIO:
     stop: StopSignal
     collector: Collector | None = None
     reloader: Reloader | None = None
+    pacer: Pacer | None = None  # the CPU and thermal budgets; None: every fresh frame is inferred
 
 
 class Agent:
@@ -91,6 +94,7 @@ class Agent:
         self.stop = io.stop
         self.collector = io.collector
         self.reloader = io.reloader
+        self.pacer = io.pacer
         self._clock = clock
         self._last_frame: Frame | None = None
         self._processed = 0
@@ -115,7 +119,15 @@ class Agent:
                     self._log.info("source_finished", frames_processed=self._processed)
                     break
                 continue
-            self._process(frame, waited=now - waited_from)
+            if self.pacer is not None:
+                skipped = self.pacer.admit(now)
+                if skipped is not None:
+                    self.metrics.budget.frames_skipped.labels(reason=skipped).inc()
+                    continue
+                self._process(frame, waited=now - waited_from)
+                self.pacer.processed(now, self._clock())
+            else:
+                self._process(frame, waited=now - waited_from)
             if max_frames is not None and self._processed >= max_frames:
                 self._log.info("max_frames_reached", frames_processed=self._processed)
                 break
@@ -133,6 +145,8 @@ class Agent:
             self._reload_if_asked()
         self._last_fps = self._fps.rate(now)
         self.metrics.fps.set(self._last_fps)
+        if self.pacer is not None:
+            self._pace(now)
         self.metrics.seconds_since_frame.set(self.grabber.seconds_since_progress())
         # The watchdog guards the loop, not the camera: a loop that turns (waiting for a
         # camera included) is alive; a hung inference or a stuck grabber starves it.
@@ -207,6 +221,8 @@ class Agent:
         self.grabber.set_preparer(done.pipeline.prepare, done.pipeline.generation)
         m = done.pipeline.bundle.manifest
         self.metrics.set_model(m.model_id, m.version, m.trained, self.outputs.camera)
+        if done.pipeline.choice is not None:
+            record(done.pipeline.choice, self.metrics.budget)
         campaigns = done.config.collect.campaigns
         if self.collector is not None:
             self.collector.set_campaigns(campaigns)
@@ -253,6 +269,17 @@ class Agent:
         m.fps.set(self._last_fps)
         self._processed += 1
 
+    def _pace(self, now: float) -> None:
+        p, m = self.pacer, self.metrics.budget
+        assert p is not None
+        p.tick(now)
+        m.rate_limit_fps.set(p.rate_limit_fps())
+        m.cpu_cores.set(p.cpu_cores())
+        if p.thermal is not None:
+            m.set_thermal(p.thermal.state)
+            if p.thermal.celsius is not None:
+                m.thermal_celsius.set(p.thermal.celsius)
+
     def _health(self) -> Health:
         g = self.grabber
         if not g.delivered:
@@ -263,5 +290,8 @@ class Agent:
 
     def _publish_status(self) -> None:
         m = self.pipeline.bundle.manifest
+        running = self.pipeline.running
+        thermal = self.pacer.thermal if self.pacer is not None else None
         self.outputs.status(self.pipeline.model_id, m.trained, self._health(), self._processed, self._last_fps,
-                            self._current_tags)
+                            self._current_tags, variant=None if running is None else running.label,
+                            thermal=None if thermal is None else thermal.state)

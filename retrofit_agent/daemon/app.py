@@ -22,6 +22,7 @@ from retrofit_agent.contract.bundle import read_manifest
 from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.daemon.agent import Agent, AgentIO, LoopSettings
 from retrofit_agent.daemon.budget import check_memory_budget
+from retrofit_agent.daemon.budget_cpu import build_pacer
 from retrofit_agent.daemon.capture import FrameGrabber, camera_id, check_source, open_source, resolve_kind
 from retrofit_agent.daemon.collect.collector import Collector, check_campaign_tags
 from retrofit_agent.daemon.config import AgentConfig
@@ -32,6 +33,7 @@ from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.pipeline import ModelPipeline, build_pipeline
 from retrofit_agent.daemon.publish import Publisher
 from retrofit_agent.daemon.reload import Reloader
+from retrofit_agent.daemon.variants import record
 
 
 def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> int:
@@ -71,12 +73,15 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
             log.info("metrics_serving", address=f"{cfg.metrics.host}:{metrics_port}")
             if not is_loopback_host(cfg.metrics.host):
                 log.warning("metrics_beyond_loopback", address=cfg.metrics.address)
-        need = check_memory_budget(cfg, pipeline.bundle.model_path.stat().st_size)  # before any source
+        need = check_memory_budget(cfg, pipeline.model_path.stat().st_size)  # before any source
         log.info("memory_budget", worst_case_mb=round(need.total / 2**20), parts=need.describe())
         m = pipeline.bundle.manifest
         metrics.set_model(m.model_id, m.version, m.trained, camera)
+        if pipeline.choice is not None:
+            record(pipeline.choice, metrics.budget)
+        pacer = build_pacer(cfg.budget, log)
         collector = _start_collector(cfg, pipeline, metrics, camera, stack)
-        model_bytes = pipeline.bundle.model_path.stat().st_size
+        model_bytes = pipeline.model_path.stat().st_size
         grabber = FrameGrabber(
             cfg.camera, metrics, admit=lambda w, h: _admit(cfg, model_bytes, w, h)
         )
@@ -87,7 +92,7 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
                             on_result=lambda r: metrics.reloads.labels(result=r).inc())
         settings = LoopSettings(cfg.publish.status_interval_s, cfg.camera.stall_timeout_s, cfg.max_frames)
         outputs = Outputs(publisher, camera, cfg.publish.vehicle)
-        io = AgentIO(grabber, outputs, metrics, notifier, stop, collector, reloader)
+        io = AgentIO(grabber, outputs, metrics, notifier, stop, collector, reloader, pacer)
         agent = Agent(settings, pipeline, io)
         metrics.ready.set(1)
         notifier.ready(f"labelling {camera} with {pipeline.model_id}")

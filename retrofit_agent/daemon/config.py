@@ -89,7 +89,16 @@ class ModelConfig(_Section):
         Path("models/reference"), description="Model bundle directory (manifest.json, model, bank)."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime intra-op threads; 0 lets onnxruntime use the physical cores."
+        0, ge=0, description="onnxruntime intra-op threads; 0: chosen by measurement at start-up (1 to the cores)."
+    )
+    spinning: Literal["auto", "on", "off"] = Field(
+        "auto", description="Busy-waiting intra-op threads; 'auto': chosen by measurement at start-up."
+    )
+    variant: str | None = Field(
+        None, description="Bundle variant to run (e.g. 'int8'); unset: the fastest, timed at start-up."
+    )
+    tune_budget_s: float = Field(
+        3.0, ge=0, le=30, description="Most start-up time spent timing variants, threads and spinning; 0: no timing."
     )
     warmup_runs: int = Field(3, ge=1, description="Inference runs before the daemon reports ready.")
     signing_public_key: Path | None = Field(
@@ -306,6 +315,33 @@ class LimitsConfig(_Section):
     )
 
 
+class BudgetConfig(_Section):
+    """How much of the car's CPU the model may take, and how it backs off when the SoC runs hot."""
+
+    max_fps: float | None = Field(None, gt=0, description="Most inferences per second; unset: as fast as frames come.")
+    max_cpu: float | None = Field(
+        None, gt=0, description="Most CPU the process may use, in cores (e.g. 0.5), averaged over cpu_window_s."
+    )
+    cpu_window_s: float = Field(5.0, ge=1, le=60, description="Window the process CPU use is averaged over.")
+    thermal_zone: str = Field(
+        "auto", description="Temperature file in millidegrees C; 'auto': /sys/class/thermal/thermal_zone0/temp "
+        "where it exists; 'off': no thermal budget."
+    )
+    thermal_high_c: float = Field(80.0, description="Above it the model's rate is lowered stepwise.")
+    thermal_critical_c: float = Field(90.0, description="Above it the model runs at thermal_floor_fps.")
+    thermal_hysteresis_c: float = Field(5.0, ge=0, description="Recovery starts below thermal_high_c minus this.")
+    thermal_floor_fps: float = Field(1.0, gt=0, description="Rate at or above critical temperature.")
+    thermal_step: float = Field(0.7, gt=0, lt=1, description="Rate factor applied per poll while above high.")
+    thermal_poll_s: float = Field(1.0, gt=0, le=10, description="How often the temperature is read.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BudgetConfig":
+        if self.thermal_critical_c <= self.thermal_high_c:
+            raise ValueError(f"thermal_critical_c ({self.thermal_critical_c}) must be above thermal_high_c "
+                             f"({self.thermal_high_c})")
+        return self
+
+
 class AgentConfig(_Section):
     camera: CameraConfig = Field(default_factory=CameraConfig, description="Frame source.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model bundle and runtime.")
@@ -315,6 +351,7 @@ class AgentConfig(_Section):
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Image collection campaigns.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Resource budgets checked at start-up.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="CPU and thermal budgets of the model.")
     max_frames: int | None = Field(
         None, gt=0, description="Stop after this many processed frames (demos, tests)."
     )

@@ -24,6 +24,57 @@ STAGE_BUCKETS = (
 STAGES = ("capture_wait", "preprocess", "inference", "labelling", "publish")
 
 
+THERMAL_STATES = ("ok", "throttled", "critical", "unknown")
+
+
+@dataclass
+class BudgetMetrics:
+    """The model's choice at start-up and its CPU and thermal budgets (daemon/variants.py, budget_cpu.py)."""
+
+    variant: Info
+    variant_inference_seconds: Gauge
+    frames_skipped: Counter
+    rate_limit_fps: Gauge
+    cpu_cores: Gauge
+    thermal_celsius: Gauge
+    thermal_state: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> "BudgetMetrics":
+        p = "retrofit_"
+        m = cls(
+            variant=Info(p + "model_variant", "The variant, threads and spinning timed fastest at start-up.",
+                         registry=registry),
+            variant_inference_seconds=Gauge(
+                p + "variant_inference_seconds", "Start-up timing of each candidate, seconds per inference.",
+                ["variant", "threads", "spinning"], registry=registry,
+            ),
+            frames_skipped=Counter(
+                p + "frames_skipped", "Fresh frames the CPU or thermal budget left out (not dropped for being busy).",
+                ["reason"], registry=registry,
+            ),
+            rate_limit_fps=Gauge(
+                p + "rate_limit_fps", "Inferences per second the budgets allow now (+Inf: unlimited).",
+                registry=registry,
+            ),
+            cpu_cores=Gauge(p + "cpu_cores", "Process CPU use over the budget window, in cores.", registry=registry),
+            thermal_celsius=Gauge(p + "thermal_celsius", "SoC temperature of budget.thermal_zone.", registry=registry),
+            thermal_state=Gauge(
+                p + "thermal_state", "1 for the thermal budget's current state (ok, throttled, critical, unknown).",
+                ["state"], registry=registry,
+            ),
+        )
+        for reason in ("budget", "thermal"):
+            m.frames_skipped.labels(reason=reason)
+        m.rate_limit_fps.set(float("inf"))
+        m.set_thermal("ok")
+        return m
+
+    def set_thermal(self, state: str) -> None:
+        for s in THERMAL_STATES:
+            self.thermal_state.labels(state=s).set(1 if s == state else 0)
+
+
 @dataclass
 class AgentMetrics:
     registry: CollectorRegistry
@@ -49,6 +100,7 @@ class AgentMetrics:
     store_bytes: Gauge
     store_files: Gauge
     reloads: Counter
+    budget: BudgetMetrics
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "AgentMetrics":
@@ -113,6 +165,7 @@ class AgentMetrics:
             store_bytes=Gauge(p + "store_bytes", "Bytes in the capture store.", registry=registry),
             store_files=Gauge(p + "store_files", "Saved frames (image + sidecar pairs) in the store.", registry=registry),
             reloads=Counter(p + "reloads", "SIGHUP reloads of bundle and config, by result.", ["result"], registry=registry),
+            budget=BudgetMetrics.create(registry),
         )
         for stage in STAGES:  # export every series from the first scrape
             m.stage_seconds.labels(stage=stage)

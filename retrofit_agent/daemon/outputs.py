@@ -18,6 +18,7 @@ from retrofit_agent.contract.messages import (
 from retrofit_agent.daemon.collect.collector import SavedCapture
 from retrofit_agent.daemon.labelling import LabelResult, Tag
 from retrofit_agent.daemon.publish import Publisher
+from retrofit_agent.daemon.thermal import ThermalState
 
 
 def tags_out(tags: list[Tag]) -> list[TagOut]:
@@ -40,7 +41,7 @@ class Outputs:
         seq = self.tags_seq
         self.publisher.send(TOPIC_TAGS, TagsMessage(
             run_id=self.run_id, vehicle=self.vehicle, seq=seq, frame_id=frame_id, camera=self.camera, captured_at=utc_iso(captured_wall), model=model,
-            tags=tags_out(result.tags), top=tags_out(result.tops), latency=latency,
+            tags=tags_out(result.tags), top=tags_out(result.tops), latency=latency, published_at=utc_iso(),
         ))
         self.tags_seq += 1
         return seq
@@ -63,9 +64,10 @@ class Outputs:
         self.captures_seq += 1
 
     def status(self, model: str, trained: bool, health: Health, frames_processed: int, fps: float,
-               tags: list[Tag]) -> None:
+               tags: list[Tag], variant: str | None = None, thermal: ThermalState | None = None) -> None:
         self.publisher.send(TOPIC_STATUS, StatusMessage(
             run_id=self.run_id, vehicle=self.vehicle, seq=self.status_seq, at=utc_iso(), camera=self.camera, model=model, trained=trained, health=health,
             machine=platform.machine(), frames_processed=frames_processed, fps=round(fps, 2), tags=tags_out(tags),
+            variant=variant, thermal=thermal,
         ))
         self.status_seq += 1

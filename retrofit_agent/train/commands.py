@@ -293,10 +293,38 @@ def cmd_bundle(a: argparse.Namespace) -> int:
     load_bank(a.bank)  # refuse a broken bank or model with one line before copying anything
     _onnx_metadata(a.model, "--model")
     quant = Quantization(mode=a.quantization, per_channel=a.quantization != "none", calibration=a.calibration_note)
+    variants = None
+    if a.variants:
+        variants = _bundle_variants(a, quant)
+        quant = variants[0].quantization
     assemble_bundle(a.out, a.model, a.bank, prompts, name=a.name, version=a.version,
-                    trained=False if a.untrained else None, notice=a.notice, quantization=quant)
+                    trained=False if a.untrained else None, notice=a.notice, quantization=quant, variants=variants)
     print(f"bundle {a.out} verified")
     return 0
+
+
+def _bundle_variants(a: argparse.Namespace, int8_quant):
+    """--variants int8,fp32: --model is the int8 model, --fp32 the float one; each gated against fp32."""
+    import json
+
+    from retrofit_agent.contract.bundle import InputSpec, Quantization, load_bank
+    from retrofit_agent.contract.preprocess import Preprocessor
+    from retrofit_agent.contract.sample import read_clip_frames
+    from retrofit_agent.train import variants as var
+
+    names = var.parse_variants(a.variants)
+    if a.fp32 is None:
+        raise ConfigError("--variants needs --fp32 (the float model from 'export'): the gate compares with it")
+    meta = _onnx_metadata(a.fp32, "--fp32")
+    pre = Preprocessor(InputSpec.model_validate(json.loads(meta["retrofit.input_spec"])))
+    held = pre.batch(_images(a.held_out, a.held_out_count, "--held-out") if a.held_out
+                     else read_clip_frames(a.held_out_clip, limit=a.held_out_count))
+    models = {n: a.fp32 if n == "fp32" else a.model for n in names}
+    quants = {"int8": int8_quant, "fp32": Quantization(mode="none")}
+    specs = var.build_variants(a.out, models, quants, held, load_bank(a.bank), (a.min_cosine, a.min_agreement))
+    for line in var.size_lines(specs):
+        print(line)
+    return specs
 
 
 def add_bundle(sub) -> None:
@@ -313,6 +341,18 @@ def add_bundle(sub) -> None:
                    help="mark the weights as not trained (default: what the exporter recorded)")
     p.add_argument("--notice", default="", help="caveats for the manifest, logged by the daemon at start-up")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--variants", default=None,
+                   help="encoders to carry, e.g. int8,fp32 (the first is the default; the daemon times them at "
+                        "start-up); --model is the int8 one, --fp32 the float one")
+    p.add_argument("--fp32", type=existing_file, default=None, help="the float model from 'export' (with --variants)")
+    p.add_argument("--held-out", type=existing_dir, default=None,
+                   help="folder of held-out images for the variants' gate (default: --held-out-clip)")
+    p.add_argument("--held-out-clip", type=existing_file, default=Path("models/sample/drive.mp4"),
+                   help="video whose frames the gate compares on, without --held-out (default: %(default)s)")
+    p.add_argument("--held-out-count", type=positive_int, default=64, help="held-out images (default: %(default)s)")
+    p.add_argument("--min-cosine", type=float, default=0.98, help="gate: mean cosine with fp32 (default: %(default)s)")
+    p.add_argument("--min-agreement", type=float, default=0.95,
+                   help="gate: zero-shot top-1 agreement with fp32 (default: %(default)s)")
     p.set_defaults(func=cmd_bundle)
 
 
