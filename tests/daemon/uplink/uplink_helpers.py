@@ -45,6 +45,8 @@ class Broker:
         conf.write_text(
             f"{listener}\npersistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             "max_queued_messages 1000000\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\n"
+            # Started as root (CI), mosquitto would switch to the 'mosquitto' user, who cannot read the test's files.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.log = open(self.dir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([need_mosquitto(), "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
@@ -82,6 +84,7 @@ class Consumer:
     topic: str = "retrofit/#"
     client_id: str = "backend-test"
     tls: dict | None = None
+    auth: tuple[str, str] | None = None
     messages: list[tuple[str, bytes, float]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -94,6 +97,8 @@ class Consumer:
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv5)
         if self.tls:
             c.tls_set(**self.tls)
+        if self.auth:
+            c.username_pw_set(*self.auth)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
 
