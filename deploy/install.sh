@@ -57,6 +57,12 @@ fi
 install -D -m 0755 "$HERE/bin/retrofit-agent" "$DESTDIR$PREFIX/bin/retrofit-agent"
 install -D -m 0644 "$REPO/systemd/retrofit-agent.service" "$DESTDIR/usr/lib/systemd/system/retrofit-agent.service"
 install -D -m 0644 "$REPO/systemd/retrofit-agent.sysusers" "$DESTDIR/usr/lib/sysusers.d/retrofit-agent.conf"
+# The uplink (README, "Uplink"): its unit and user; it is enabled once uplink.toml names a broker.
+install -D -m 0644 "$REPO/systemd/retrofit-uplink.service" "$DESTDIR/usr/lib/systemd/system/retrofit-uplink.service"
+install -D -m 0644 "$REPO/systemd/retrofit-uplink.sysusers" "$DESTDIR/usr/lib/sysusers.d/retrofit-uplink.conf"
+if [ ! -e "$DESTDIR/etc/retrofit-agent/uplink.toml" ]; then
+  install -D -m 0640 "$HERE/uplink.toml" "$DESTDIR/etc/retrofit-agent/uplink.toml"
+fi
 install -D -m 0644 "$REPO/README.md" "$DESTDIR/usr/share/doc/retrofit-agent/README.md"
 if [ -e "$DESTDIR/etc/retrofit-agent/agent.toml" ]; then
   echo "keeping existing /etc/retrofit-agent/agent.toml"
@@ -74,12 +80,13 @@ if [ -n "$DESTDIR" ]; then
   # An image root: create the user and enable the unit offline, if the image has the files.
   if [ -f "$DESTDIR/etc/passwd" ] && command -v systemd-sysusers >/dev/null; then
     systemd-sysusers --root="$DESTDIR" "$DESTDIR/usr/lib/sysusers.d/retrofit-agent.conf"
+    systemd-sysusers --root="$DESTDIR" "$DESTDIR/usr/lib/sysusers.d/retrofit-uplink.conf"
   fi
   if [ "$ENABLE" = 1 ] && [ -d "$DESTDIR/etc/systemd/system" ]; then
     systemctl --root="$DESTDIR" enable retrofit-agent.service
   fi
 elif [ -d /run/systemd/system ]; then
-  systemd-sysusers /usr/lib/sysusers.d/retrofit-agent.conf
+  systemd-sysusers /usr/lib/sysusers.d/retrofit-agent.conf /usr/lib/sysusers.d/retrofit-uplink.conf
   systemctl daemon-reload
   if [ "$ENABLE" = 1 ]; then systemctl enable --now retrofit-agent.service; fi
 else
