@@ -2,7 +2,8 @@
 
 A small state machine polled from the frame loop, at most every ``thermal_poll_s``:
 
-- at or above ``thermal_critical_c``: ``critical``, the model runs at ``thermal_floor_fps``;
+- at or above ``thermal_critical_c``: ``critical``, the model runs at ``thermal_floor_fps``
+  (and the factor is at most one step, so it leaves critical throttled);
 - at or above ``thermal_high_c``: ``throttled``, the rate factor shrinks by
   ``thermal_step`` at each poll (down to ``MIN_FACTOR``), so the first poll above high
   already lowers the rate;
@@ -79,7 +80,8 @@ class ThermalGovernor:
     def step(self, t: float) -> None:
         cfg, before = self.cfg, self.state
         if t >= cfg.thermal_critical_c:
-            self.state = "critical"
+            self.state = "critical"  # and leaves it throttled, not at full rate
+            self.factor = max(MIN_FACTOR, min(self.factor, cfg.thermal_step))
         elif t >= cfg.thermal_high_c:
             self.factor = max(MIN_FACTOR, self.factor * cfg.thermal_step)
             self.state = "throttled"
