@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train_helpers import REPO, TINY, images, tiny_config  # noqa: E402,F401  (images is a fixture)
+from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
 
 from retrofit_agent.contract.errors import ConfigError  # noqa: E402
 from retrofit_agent.train import cache as cache_mod  # noqa: E402
@@ -165,7 +165,7 @@ def test_training_from_a_view_cache_replays_the_stored_view_on_the_students_inpu
     assert {"loss_embed", "loss_gl", "loss_pca_attention"} <= metrics.keys()
 
 
-def test_cli_refuses_a_cache_built_for_another_teacher_with_one_line_and_exit_2(tmp_path, images, capsys):
+def test_cli_refuses_a_cache_built_for_another_teacher_with_one_line_and_exit_2(tmp_path, images, capsys, fresh_logging):
     from retrofit_agent.train.cli import main
 
     data = tmp_path / "data"

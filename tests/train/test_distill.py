@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train_helpers import REPO, TINY, images, tiny_config  # noqa: E402,F401  (images is a fixture)
+from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
 
 from retrofit_agent.train.engine import Distiller  # noqa: E402
 
@@ -179,7 +179,8 @@ def test_weight_decay_spares_every_bias_and_norm_weight():
     assert len(spared) + len(decayed) == len(names)
 
 
-def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(tmp_path: Path, images: Path, capsys, monkeypatch):
+def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(tmp_path: Path, images: Path, capsys, monkeypatch,
+                                                                        fresh_logging):
     import open_clip
 
     from retrofit_agent.train.cli import main

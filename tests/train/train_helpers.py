@@ -29,3 +29,13 @@ def tiny_config(out: Path, train: list[str], **sections: dict[str, Any]):
     base = {"data": {"train": train, "workers": 0}, "run": {"out_dir": str(out), "progress": False},
             "bank": {"prompts_file": str(REPO / "models" / "prompts" / "automotive.toml")}}
     return load_distill_config(TINY, deep_merge(base, sections))
+
+
+@pytest.fixture
+def fresh_logging():
+    """For tests that call a CLI's ``main()`` in-process: it configures structlog onto the stderr
+    pytest captured for that test, which is closed afterwards; later tests must not log there."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
