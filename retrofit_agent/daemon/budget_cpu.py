@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import structlog
 
