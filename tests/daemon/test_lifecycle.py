@@ -3,6 +3,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import structlog
 
 from retrofit_agent.daemon.lifecycle import SystemdNotifier
 
@@ -80,4 +81,7 @@ def test_harmless_without_systemd():
 
 def test_vanished_socket_is_not_fatal(tmp_path: Path):
     n = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
-    n.ready()  # logs a warning, does not raise
+    with structlog.testing.capture_logs() as logs:
+        n.ready()  # does not raise
+    (warning,) = [l for l in logs if l["event"] == "systemd_notify_failed"]
+    assert warning["log_level"] == "warning" and warning["state"] == "READY" and warning["error"]
