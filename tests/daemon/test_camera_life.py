@@ -160,7 +160,9 @@ def test_a_frozen_stream_is_a_stall_and_its_buffer_is_never_published_as_new(
     detected = _iso(stalls[0]["timestamp"]) - frozen_at
     print(f"frozen stream detected as a stall after {detected:.2f} s (stall_timeout_s 2.0); "
           f"stale frames dropped: {metric(text, 'retrofit_frames_stale_total'):.0f}")
-    assert detected <= 2.0 + 1.0
+    # The daemon's own reading of how long the stream had been frozen when it called the stall
+    # (the wall-clock figure above depends on how busy this machine is).
+    assert stalls[0]["seconds"] <= 2.0 + 1.0
     assert "degraded" in [m["health"] for t, m in during if t == "status"]
 
 
