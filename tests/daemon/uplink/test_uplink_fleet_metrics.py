@@ -110,6 +110,13 @@ def test_a_60_s_central_outage_leaves_no_missing_sample(tmp_path: Path):
               f"largest gap {max(gaps):.2f} s")
         assert len(in_window) >= (down_to - down_from) / SCRAPE_S * 0.95
         assert max(gaps) < 2.5 * SCRAPE_S, "no missing sample"
+        # Every query of the uplink's Grafana dashboard returns data from the central end.
+        dash = json.loads((DEPLOY / "grafana" / "retrofit-uplink.json").read_text())
+        exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+        titles = " ".join(p["title"].lower() for p in dash["panels"])
+        assert all(w in titles for w in ("backlog", "oldest", "forward rate"))
+        empty = [e for e in exprs if not query(e.replace("$vehicle", "car-metrics").replace("$__rate_interval", "1m"))]
+        assert not empty, f"dashboard queries with no data: {empty}"
     finally:
         agent.stop()
         central.stop()
