@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # --- Debian programs for the deployment tests (tests/deploy): systemd-analyze/systemd-sysusers,
 # promtool + prometheus, debootstrap + qemu-user-static (ARM64 root filesystem), strace (syscall
 # check), ffmpeg. apt-get runs only when one is missing, so repeated local runs stay fast.
-DEB_PACKAGES="systemd systemd-container prometheus debootstrap qemu-user-static strace ffmpeg zstd ca-certificates"
+# mosquitto + mosquitto-clients (mosquitto_passwd): the uplink's broker tests (tests/daemon/uplink).
+DEB_PACKAGES="systemd systemd-container prometheus debootstrap qemu-user-static strace ffmpeg zstd ca-certificates mosquitto mosquitto-clients"
 missing=""
 for pkg in $DEB_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
