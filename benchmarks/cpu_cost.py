@@ -103,7 +103,12 @@ def daemon(bundle: Path, clip: Path, threads: int, seconds: float | None, frames
     age = [(iso(m["published_at"]) - iso(m["captured_at"])) * 1e3 for m in steady]
     out.update(age_p50_ms=float(np.percentile(age, 50)), age_p99_ms=float(np.percentile(age, 99)),
                inference_p50_ms=float(np.median([m["latency"]["inference_ms"] for m in steady])))
-    gaps = sorted(np.diff(arrivals[10:n_end]))
+    # Intervals between inference starts (the daemon's own timestamps: published_at less the
+    # inference and labelling time), so a slow inference on a busy machine is not read as
+    # uneven pacing.
+    starts = [iso(m["published_at"]) - (m["latency"]["inference_ms"] + m["latency"]["labelling_ms"]) / 1e3
+              for m in steady]
+    gaps = sorted(np.diff(starts))
     out["gap_p90_p10"] = gaps[int(0.9 * len(gaps))] / gaps[int(0.1 * len(gaps))]
     return out
 

@@ -111,6 +111,8 @@ class Agent:
         max_frames = self.settings.max_frames
         while not self.stop.is_set():
             waited_from = self._clock()
+            if self.pacer is not None and self._wait_for_budget(waited_from):
+                continue
             frame = self.grabber.get(timeout=0.25)
             now = self._clock()
             self._housekeeping(now)
@@ -132,6 +134,20 @@ class Agent:
                 self._log.info("max_frames_reached", frames_processed=self._processed)
                 break
         return 0
+
+    def _wait_for_budget(self, now: float) -> bool:
+        """Wait (at most one loop turn) while no inference is due; True if it waited."""
+        assert self.pacer is not None
+        wait = self.pacer.wait_s(now)
+        if wait <= 0:
+            return False
+        self.grabber.held_for = self.pacer.reason(now)
+        try:
+            self.stop.event.wait(min(wait, 0.25))
+        finally:
+            self.grabber.held_for = None
+        self._housekeeping(self._clock())
+        return True
 
     def _housekeeping(self, now: float) -> None:
         """Once per loop turn, frame or not: status, captures, reloads, liveness."""

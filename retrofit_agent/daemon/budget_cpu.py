@@ -12,8 +12,11 @@ between inferences is the largest of
 - the thermal governor's interval, when the SoC runs hot.
 
 Inferences are due on a fixed schedule (``due += interval``), not ``interval`` after the
-last one, so the average rate is exact even though frames arrive on the camera's clock;
-a schedule that fell behind (a slow inference) restarts from now instead of bursting.
+last one, so the average rate is exact; a schedule that fell behind (a slow inference)
+restarts from now instead of bursting. The frame loop waits until an inference is due and
+then takes the newest frame (the frames replaced meanwhile are budget skips), rather than
+skipping frames until one arrives after the due time: that would round every interval to a
+whole number of camera frames and spread them unevenly (2 and 4 frames for 2.97).
 CPU time comes from ``time.process_time()`` (all threads of the process, like
 /proc/self/stat's utime + stime, in nanoseconds instead of ticks).
 """
@@ -62,6 +65,14 @@ class Pacer:
         if self.thermal is not None:
             self.thermal.poll(now)
         self._recompute()
+
+    def wait_s(self, now: float) -> float:
+        """How long until the next inference is due (0: now)."""
+        return max(0.0, self._due - now)
+
+    def reason(self, now: float) -> SkipReason:
+        """Why a frame before the due time waits: the thermal governor's share, or the budget's."""
+        return "thermal" if now >= self._due - self.interval + self.base_interval else "budget"
 
     def admit(self, now: float) -> SkipReason | None:
         """None when the model should run on a frame that arrived ``now``, else why not."""

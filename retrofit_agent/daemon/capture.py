@@ -303,6 +303,9 @@ class FrameGrabber:
         self.connected = False  # a source is open now
         self.delivered = False  # at least one frame has arrived since start-up
         self._reconnecting = False  # back-off waits are not stalls
+        # Set by the loop while it waits for the CPU/thermal budget ("budget" or "thermal"):
+        # frames replaced meanwhile are skipped by choice, counted apart from busy drops.
+        self.held_for: str | None = None
         self._threads: list[threading.Thread] = []
         self._log = log.bind(camera=camera_id(cfg))
 
@@ -543,7 +546,10 @@ class FrameGrabber:
                 return
             frame = Frame(image, self._next_id, produced, wall - (now - produced), prepared)
             if not self._consumed:
-                self._metrics.frames_dropped.inc()
+                if self.held_for is not None:  # the loop chose to wait (a budget), not too busy
+                    self._metrics.budget.frames_skipped.labels(reason=self.held_for).inc()
+                else:
+                    self._metrics.frames_dropped.inc()
             self._latest, self._consumed = frame, False
             self._next_id += 1
             self._last_progress = max(self._last_progress, produced)

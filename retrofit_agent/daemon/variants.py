@@ -2,7 +2,7 @@
 
 Chosen by measurement on the device, within a bounded time (``model.tune_budget_s``), in
 three stages that each keep the best so far: every variant at the configured (or all-core)
-thread count; then the other thread counts for the winning variant; then spinning flipped.
+thread count, timed in alternation so that load from elsewhere falls on all of them alike; then the other thread counts for the winning variant; then spinning flipped.
 Each trial opens a session, runs it once untimed and then ``TIMED_RUNS`` times; its score
 is the lower quartile of those runs (noise on a shared core only ever adds time). Scored
 by wall time per inference, or by process CPU time per inference when a CPU budget is set
@@ -29,6 +29,7 @@ from retrofit_agent.daemon.config import ModelConfig
 from retrofit_agent.daemon.metrics import BudgetMetrics
 
 TIMED_RUNS = 4
+RACE_RUNS = 6  # per variant, alternating
 # A challenger on threads or spinning must beat the incumbent by this much: fewer threads
 # and no spinning leave CPU to the grabber, so a draw goes to the lighter setting.
 MARGIN = 0.05
@@ -127,8 +128,7 @@ class Tuner:
         names = list(self.variants)
         if cfg.tune_budget_s == 0 or (len(names) == 1 and cfg.intra_op_threads and cfg.spinning != "auto"):
             return self._untimed(Candidate(names[0], threads, spin))
-        for name in names:
-            self._try(Candidate(name, threads, spin), margin=0.0)
+        self._race([Candidate(name, threads, spin) for name in names])
         best = self._winner()
         if not cfg.intra_op_threads:
             for n in thread_options(self.cores):
@@ -175,6 +175,35 @@ class Tuner:
         self.trials.append(trial)
         if self._best is None or self._score(trial) < self._score(self._best[0]) * (1 - margin):
             self._best = (trial, embedder)
+
+    def _race(self, candidates: list[Candidate]) -> None:
+        """The variants, timed in alternation (A, B, A, B, ...): a burst of load on a shared
+        core then lands on all of them alike instead of deciding the race."""
+        opened: list[tuple[Candidate, Embedder, float]] = []
+        for c in candidates:
+            cost = max((t.seconds for t in self.trials), default=0.0)
+            if opened and self.clock() - self._t0 + cost > self.cfg.tune_budget_s:
+                self.skipped += 1
+                continue
+            start = self.clock()
+            embedder = self._open(c)
+            embedder.warmup(max(1, self.cfg.warmup_runs - TIMED_RUNS))
+            opened.append((c, embedder, self.clock() - start))
+        walls: dict[Candidate, list[float]] = {c: [] for c, _, _ in opened}
+        cpus: dict[Candidate, float] = {c: 0.0 for c, _, _ in opened}
+        x = _zeros(opened[0][1])
+        for _ in range(RACE_RUNS):
+            for c, embedder, _ in opened:
+                t, cpu0 = time.perf_counter(), time.process_time()
+                embedder.embed_batch(x)
+                walls[c].append(time.perf_counter() - t)
+                cpus[c] += time.process_time() - cpu0
+        for c, embedder, opening in opened:
+            trial = Trial(c, float(np.sort(walls[c])[len(walls[c]) // 4]), cpus[c] / RACE_RUNS,
+                          opening + sum(walls[c]))
+            self.trials.append(trial)
+            if self._best is None or self._score(trial) < self._score(self._best[0]):
+                self._best = (trial, embedder)
 
     def _score(self, t: Trial) -> float:
         return t.cpu_s if self.by_cpu else t.wall_s
