@@ -24,8 +24,9 @@ from tempfile import TemporaryDirectory
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests/daemon/uplink")]
 
-from helpers import agent_command, free_port  # noqa: E402
 from uplink_helpers import Broker, Consumer, Uplink, wait_until  # noqa: E402
+
+from helpers import agent_command, free_port  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -72,9 +73,9 @@ def measure_cpu(tmp: Path, seconds: float, broker: Broker) -> dict:
 
 
 def measure_drain(tmp: Path, broker: Broker) -> dict:
-    from retrofit_agent.daemon.uplink.journal import Journal
-
     import zmq
+
+    from retrofit_agent.daemon.uplink.journal import Journal
 
     jdir = tmp / "j-drain"
     journal = Journal(jdir, max_bytes=1024**3, max_age_s=86400)

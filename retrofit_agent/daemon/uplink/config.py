@@ -9,8 +9,9 @@ TLS) are checked by the composition root at start-up.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -51,7 +52,7 @@ class InputConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _curve_pair(self) -> "InputConfig":
+    def _curve_pair(self) -> InputConfig:
         if (self.curve_client_cert is None) != (self.curve_server_key is None):
             raise ValueError("curve_client_cert and curve_server_key go together")
         return self
@@ -114,7 +115,7 @@ class MqttConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "MqttConfig":
+    def _tls_pair(self) -> MqttConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if self.password is not None and self.password_file is not None:
@@ -164,7 +165,7 @@ class S3Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _secret(self) -> "S3Config":
+    def _secret(self) -> S3Config:
         if (self.secret_access_key is None) == (self.secret_access_key_file is None):
             raise ValueError("give exactly one of secret_access_key and secret_access_key_file")
         return self

@@ -35,7 +35,7 @@ class UplinkMetrics:
     captures_pending: Gauge
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> "UplinkMetrics":
+    def create(cls, registry: CollectorRegistry) -> UplinkMetrics:
         p = "retrofit_uplink_"
         m = cls(
             registry=registry,

@@ -13,13 +13,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from uplink_helpers import S3Server, Uplink, wait_until, write_pair
 
 from helpers import free_port
-from uplink_helpers import S3Server, Uplink, wait_until, write_pair
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BUCKET = "fleet-captures"

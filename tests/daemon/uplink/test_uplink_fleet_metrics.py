@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from uplink_helpers import Uplink, wait_port, wait_until
 
 from helpers import free_port
-from uplink_helpers import Uplink, wait_port, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
 from deploy_helpers import DEPLOY, need  # noqa: E402
@@ -52,7 +52,7 @@ class Prom:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Prom":
+    def start(self) -> Prom:
         log = open(self.tmp / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen([need("prometheus"), *self.args, f"--web.listen-address=127.0.0.1:{self.port}"],
                                      stdout=log, stderr=subprocess.STDOUT)

@@ -14,14 +14,14 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import zmq
+from uplink_helpers import Broker, Consumer, Uplink, need_mosquitto, wait_until
 
 from helpers import REPO, agent_command, free_port
-from uplink_helpers import Broker, Consumer, Uplink, need_mosquitto, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 VEHICLE = "car-test-1"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import zmq
+from uplink_helpers import Broker, Consumer, Uplink, need_mosquitto, wait_until
 
 from helpers import run_cli
-from uplink_helpers import Broker, Consumer, Uplink, need_mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
 from deploy_helpers import DEPLOY, REPO, need, unit_settings
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.daemon.uplink.config import UplinkConfig, load_uplink_config
 from retrofit_agent.daemon.uplink.forwarder import Forwarder
 from retrofit_agent.daemon.uplink.journal import ROW_OVERHEAD, Journal, Row
 from retrofit_agent.daemon.uplink.metrics import UplinkMetrics
 from retrofit_agent.daemon.uplink.s3 import sign_v4
 from retrofit_agent.daemon.uplink.source import Incoming, StreamTracker
-from retrofit_agent.contract.errors import ConfigError
 
 
 def test_journal_over_its_byte_bound_drops_the_oldest_first_and_counts_them_exactly(tmp_path: Path):

@@ -39,7 +39,7 @@ class Broker:
         self.extra = extra
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         conf = self.dir / "mosquitto.conf"
         listener = self.extra if "listener" in self.extra else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" + self.extra
         conf.write_text(
@@ -88,7 +88,7 @@ class Consumer:
     messages: list[tuple[str, bytes, float]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> "Consumer":
+    def start(self) -> Consumer:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
         from paho.mqtt.packettypes import PacketTypes
@@ -161,7 +161,7 @@ class Uplink:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self) -> "Uplink":
+    def start(self) -> Uplink:
         log = open(self.tmp / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(
             agent_command("uplink", "--log-format", "json", "--metrics-address", f"127.0.0.1:{self.metrics_port}",
@@ -226,7 +226,7 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, log_path: Path) -> "S3Server":
+    def start(self, log_path: Path) -> S3Server:
         exe = Path(sys.executable).parent / "moto_server"
         if not exe.exists():
             pytest.skip("moto_server not found; pip install 'moto[server]' (the test extra)")
