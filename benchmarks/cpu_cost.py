@@ -60,8 +60,15 @@ def bare(bundle: Path, clip: Path, frames: int, threads: int) -> dict:
     return {"cpu_per_frame_ms": cpu / frames * 1e3, "fps": frames / wall}
 
 
-def daemon(bundle: Path, clip: Path, threads: int, seconds: float | None, frames: int | None,
-           env: dict[str, str] | None = None, realtime: bool = False) -> dict:
+def daemon(
+    bundle: Path,
+    clip: Path,
+    threads: int,
+    seconds: float | None,
+    frames: int | None,
+    env: dict[str, str] | None = None,
+    realtime: bool = False,
+) -> dict:
     tmp = tempfile.mkdtemp(prefix="retrofit-cost-")
     endpoint = f"ipc://{tmp}/s.sock"
     ctx = zmq.Context()
@@ -69,13 +76,31 @@ def daemon(bundle: Path, clip: Path, threads: int, seconds: float | None, frames
     sub.setsockopt(zmq.SUBSCRIBE, b"tags")
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.connect(endpoint)
-    cmd = [sys.executable, "-m", "retrofit_agent", "--camera", str(clip), "--loop", "--bundle", str(bundle),
-           "--threads", str(threads), "--publish", endpoint, "--no-metrics", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retrofit_agent",
+        "--camera",
+        str(clip),
+        "--loop",
+        "--bundle",
+        str(bundle),
+        "--threads",
+        str(threads),
+        "--publish",
+        endpoint,
+        "--no-metrics",
+        "--log-level",
+        "warning",
+    ]
     cmd += ["--realtime"] if realtime else []
     cmd += ["--max-frames", str(frames)] if frames else []
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RETROFIT_MODEL__TUNE_BUDGET_S": "0", "RETROFIT_MODEL__SPINNING": "off",
-                                 **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RETROFIT_MODEL__TUNE_BUDGET_S": "0", "RETROFIT_MODEL__SPINNING": "off", **(env or {})},
+    )
     msgs, arrivals = [], []
     cpu_at_10 = t_at_10 = None
     deadline = None
@@ -101,13 +126,17 @@ def daemon(bundle: Path, clip: Path, threads: int, seconds: float | None, frames
         out["cores"] = (cpu_end - cpu_at_10) / (t_end - t_at_10)
         out["cpu_per_frame_ms"] = (cpu_end - cpu_at_10) / max(1, n_end - 10) * 1e3
     age = [(iso(m["published_at"]) - iso(m["captured_at"])) * 1e3 for m in steady]
-    out.update(age_p50_ms=float(np.percentile(age, 50)), age_p99_ms=float(np.percentile(age, 99)),
-               inference_p50_ms=float(np.median([m["latency"]["inference_ms"] for m in steady])))
+    out.update(
+        age_p50_ms=float(np.percentile(age, 50)),
+        age_p99_ms=float(np.percentile(age, 99)),
+        inference_p50_ms=float(np.median([m["latency"]["inference_ms"] for m in steady])),
+    )
     # Intervals between inference starts (the daemon's own timestamps: published_at less the
     # inference and labelling time), so a slow inference on a busy machine is not read as
     # uneven pacing.
-    starts = [iso(m["published_at"]) - (m["latency"]["inference_ms"] + m["latency"]["labelling_ms"]) / 1e3
-              for m in steady]
+    starts = [
+        iso(m["published_at"]) - (m["latency"]["inference_ms"] + m["latency"]["labelling_ms"]) / 1e3 for m in steady
+    ]
     gaps = sorted(np.diff(starts))
     out["gap_p90_p10"] = gaps[int(0.9 * len(gaps))] / gaps[int(0.1 * len(gaps))]
     return out
@@ -130,30 +159,61 @@ def main() -> int:
         b = bare(a.bundle, clips[30], 60, a.threads)
         d = daemon(a.bundle, clips[30], a.threads, a.seconds, None)
         rows.append((b, d))
-        print(f"  run {i + 1}: bare {b['fps']:.2f} fps {b['cpu_per_frame_ms']:.1f} cpu-ms/frame; daemon "
-              f"{d['fps']:.2f} fps {d['cpu_per_frame_ms']:.1f} cpu-ms/frame")
+        print(
+            f"  run {i + 1}: bare {b['fps']:.2f} fps {b['cpu_per_frame_ms']:.1f} cpu-ms/frame; daemon "
+            f"{d['fps']:.2f} fps {d['cpu_per_frame_ms']:.1f} cpu-ms/frame"
+        )
     cpu_ratio = float(np.median([d["cpu_per_frame_ms"] / b["cpu_per_frame_ms"] for b, d in rows]))
     fps_ratio = float(np.median([d["fps"] / b["fps"] for b, d in rows]))
-    print(f"CPU per frame daemon/bare {cpu_ratio:.3f} (goal <= 1.05); throughput daemon/bare {fps_ratio:.3f} "
-          "(goal >= 0.97)")
+    print(
+        f"CPU per frame daemon/bare {cpu_ratio:.3f} (goal <= 1.05); throughput daemon/bare {fps_ratio:.3f} "
+        "(goal >= 0.97)"
+    )
     for fps in (15, 30):
         d = daemon(a.bundle, clips[fps], a.threads, a.seconds, None, realtime=True)
-        print(f"paced {fps} fps: {d['fps']:.1f} fps processed, {d['cores']:.2f} cores, frame age p50 "
-              f"{d['age_p50_ms']:.1f} ms p99 {d['age_p99_ms']:.1f} ms, inference p50 {d['inference_p50_ms']:.1f} ms")
-    d = daemon(a.bundle, clips[30], a.threads, a.budget_seconds, None, env={"RETROFIT_BUDGET__MAX_CPU": "0.5"},
-               realtime=True)
-    print(f"budget.max_cpu=0.5 on 30 fps over {a.budget_seconds:.0f} s: {d['cores']:.3f} cores (goal 0.5 +- 0.05), "
-          f"{d['fps']:.2f} fps, interval p90/p10 {d['gap_p90_p10']:.2f} (goal <= 1.5)")
+        print(
+            f"paced {fps} fps: {d['fps']:.1f} fps processed, {d['cores']:.2f} cores, frame age p50 "
+            f"{d['age_p50_ms']:.1f} ms p99 {d['age_p99_ms']:.1f} ms, inference p50 {d['inference_p50_ms']:.1f} ms"
+        )
+    d = daemon(
+        a.bundle, clips[30], a.threads, a.budget_seconds, None, env={"RETROFIT_BUDGET__MAX_CPU": "0.5"}, realtime=True
+    )
+    print(
+        f"budget.max_cpu=0.5 on 30 fps over {a.budget_seconds:.0f} s: {d['cores']:.3f} cores (goal 0.5 +- 0.05), "
+        f"{d['fps']:.2f} fps, interval p90/p10 {d['gap_p90_p10']:.2f} (goal <= 1.5)"
+    )
     if a.variants_bundle:
         for i in range(5):
             out = subprocess.run(
-                [sys.executable, "-m", "retrofit_agent", "--camera", str(clips[15]), "--bundle", str(a.variants_bundle),
-                 "--publish", f"ipc://{tmp}/v.sock", "--no-metrics", "--max-frames", "1", "--log-format", "json"],
-                cwd=REPO, capture_output=True, text=True)
-            tuned = next(json.loads(line) for line in out.stdout.splitlines() + out.stderr.splitlines()
-                         if '"model_tuned"' in line)
-            print(f"start-up {i + 1}: chose {tuned['variant']}/{tuned['threads']}t/spin={tuned['spinning']} in "
-                  f"{tuned['seconds']:.2f} s; trials {tuned['trials']}")
+                [
+                    sys.executable,
+                    "-m",
+                    "retrofit_agent",
+                    "--camera",
+                    str(clips[15]),
+                    "--bundle",
+                    str(a.variants_bundle),
+                    "--publish",
+                    f"ipc://{tmp}/v.sock",
+                    "--no-metrics",
+                    "--max-frames",
+                    "1",
+                    "--log-format",
+                    "json",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
+            tuned = next(
+                json.loads(line)
+                for line in out.stdout.splitlines() + out.stderr.splitlines()
+                if '"model_tuned"' in line
+            )
+            print(
+                f"start-up {i + 1}: chose {tuned['variant']}/{tuned['threads']}t/spin={tuned['spinning']} in "
+                f"{tuned['seconds']:.2f} s; trials {tuned['trials']}"
+            )
     return 0
 
 

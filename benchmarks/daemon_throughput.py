@@ -75,9 +75,25 @@ def bench_daemon(bundle: Path, clip: Path, frames: int, threads: int) -> dict:
     sub.setsockopt(zmq.SUBSCRIBE, b"tags")
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.connect(endpoint)
-    cmd = [sys.executable, "-m", "retrofit_agent", "--camera", str(clip), "--loop", "--bundle", str(bundle),
-           "--threads", str(threads), "--publish", endpoint, "--no-metrics", "--max-frames", str(frames),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retrofit_agent",
+        "--camera",
+        str(clip),
+        "--loop",
+        "--bundle",
+        str(bundle),
+        "--threads",
+        str(threads),
+        "--publish",
+        endpoint,
+        "--no-metrics",
+        "--max-frames",
+        str(frames),
+        "--log-level",
+        "warning",
+    ]
     t_start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     msgs, arrivals, rss = [], [], 0.0
@@ -99,8 +115,13 @@ def bench_daemon(bundle: Path, clip: Path, frames: int, threads: int) -> dict:
     inf = [m["latency"]["inference_ms"] for m in msgs[10:]]
     seqs = [m["seq"] for m in msgs]
     return {
-        "p50_ms": pct(e2e, 50), "p99_ms": pct(e2e, 99), "inference_p50_ms": pct(inf, 50), "fps": fps,
-        "startup_to_first_tag_s": arrivals[0] - t_start, "peak_rss_mb": rss, "received": len(msgs),
+        "p50_ms": pct(e2e, 50),
+        "p99_ms": pct(e2e, 99),
+        "inference_p50_ms": pct(inf, 50),
+        "fps": fps,
+        "startup_to_first_tag_s": arrivals[0] - t_start,
+        "peak_rss_mb": rss,
+        "received": len(msgs),
         "seq_gaps": int(sum(b - a - 1 for a, b in zip(seqs, seqs[1:]))),
     }
 
@@ -123,20 +144,28 @@ def main() -> int:
         bare_runs.append(bench_session(a.bundle, a.clip, a.frames, a.threads))
         daemon_runs.append(bench_daemon(a.bundle, a.clip, a.frames, a.threads))
         ratio_i = daemon_runs[-1]["fps"] / bare_runs[-1]["fps"]
-        print(f"  run {i + 1}: bare {bare_runs[-1]['fps']:.2f} fps, daemon {daemon_runs[-1]['fps']:.2f} fps, ratio {ratio_i:.3f}")
+        print(
+            f"  run {i + 1}: bare {bare_runs[-1]['fps']:.2f} fps, daemon {daemon_runs[-1]['fps']:.2f} fps, ratio {ratio_i:.3f}"
+        )
     bare, daemon = median_of(bare_runs), median_of(daemon_runs)
     ratio = float(np.median([d["fps"] / b["fps"] for b, d in zip(bare_runs, daemon_runs)]))
     print(f"medians over {a.repeats} runs")
     print(f"{'':22}{'p50 ms':>10}{'p99 ms':>10}{'frames/s':>10}")
     print(f"{'bare session':22}{bare['p50_ms']:10.1f}{bare['p99_ms']:10.1f}{bare['fps']:10.1f}")
     print(f"{'daemon (end-to-end)':22}{daemon['p50_ms']:10.1f}{daemon['p99_ms']:10.1f}{daemon['fps']:10.1f}")
-    print(f"daemon inference p50 {daemon['inference_p50_ms']:.1f} ms; seq gaps {int(daemon['seq_gaps'])}. End-to-end "
-          "includes the time a read-ahead frame waits while the previous one is inferred.")
+    print(
+        f"daemon inference p50 {daemon['inference_p50_ms']:.1f} ms; seq gaps {int(daemon['seq_gaps'])}. End-to-end "
+        "includes the time a read-ahead frame waits while the previous one is inferred."
+    )
     checks = [
         ("throughput daemon/bare", ratio, f">= {GOALS['throughput_ratio']}", ratio >= GOALS["throughput_ratio"]),
         ("daemon frames/s", daemon["fps"], f">= {GOALS['fps']}", daemon["fps"] >= GOALS["fps"]),
-        ("start-up to first tag s", daemon["startup_to_first_tag_s"], f"<= {GOALS['startup_s']}",
-         daemon["startup_to_first_tag_s"] <= GOALS["startup_s"]),
+        (
+            "start-up to first tag s",
+            daemon["startup_to_first_tag_s"],
+            f"<= {GOALS['startup_s']}",
+            daemon["startup_to_first_tag_s"] <= GOALS["startup_s"],
+        ),
         ("peak RSS MB", daemon["peak_rss_mb"], f"<= {GOALS['rss_mb']}", daemon["peak_rss_mb"] <= GOALS["rss_mb"]),
     ]
     for name, value, goal, ok in checks:

@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
     "tiny": {"config": "models/configs/tiny.toml", "batch": 64, "images": 448, "overrides": {}},
     "default": {
-        "config": "models/configs/paper.toml", "batch": 8, "images": 48,
+        "config": "models/configs/paper.toml",
+        "batch": 8,
+        "images": 48,
         "overrides": {"teacher": {"pretrained": "none", "seed": 0}, "student": {"pretrained": False}},
     },
 }
@@ -48,13 +50,17 @@ def child(spec: dict) -> dict:
     from retrofit_agent.train.config import load_distill_config
     from retrofit_agent.train.engine import Distiller
 
-    overrides = deep_merge(spec["overrides"], {
-        "data": {"train": [spec["images_dir"]], "val": [], "batch_size": spec["batch"], "workers": 0, "holdout": 0},
-        "loss": {"pca_attention": 0, "pca_value": 0, "gl": 0, "adversarial": 0},
-        "student": {"grad_checkpointing": spec["ckpt"]}, "cache": {"enabled": spec["cache"], "batch_size": spec["batch"], "dir": spec["cache_dir"]},
-        "run": {"out_dir": spec["out"], "progress": False, "device": "cpu", "precision": "fp32"},
-        "optim": {"max_steps": 10_000},
-    })
+    overrides = deep_merge(
+        spec["overrides"],
+        {
+            "data": {"train": [spec["images_dir"]], "val": [], "batch_size": spec["batch"], "workers": 0, "holdout": 0},
+            "loss": {"pca_attention": 0, "pca_value": 0, "gl": 0, "adversarial": 0},
+            "student": {"grad_checkpointing": spec["ckpt"]},
+            "cache": {"enabled": spec["cache"], "batch_size": spec["batch"], "dir": spec["cache_dir"]},
+            "run": {"out_dir": spec["out"], "progress": False, "device": "cpu", "precision": "fp32"},
+            "optim": {"max_steps": 10_000},
+        },
+    )
     cfg = load_distill_config(REPO / spec["config"], overrides)
     t0 = time.monotonic()
     d = Distiller(cfg)
@@ -71,8 +77,13 @@ def child(spec: dict) -> dict:
         n += len(batch["index"])
     elapsed = time.monotonic() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"images_per_s": n / elapsed, "peak_rss_mib": peak, "rss_before_steps_mib": rss_before, "setup_s": setup_s,
-           "threads": torch.get_num_threads()}
+    out = {
+        "images_per_s": n / elapsed,
+        "peak_rss_mib": peak,
+        "rss_before_steps_mib": rss_before,
+        "setup_s": setup_s,
+        "threads": torch.get_num_threads(),
+    }
     if d.cache is not None:
         out["teacher_images_per_s"] = d.cache.teacher_images_per_s
     return out
@@ -80,9 +91,18 @@ def child(spec: dict) -> dict:
 
 def run_variant(setup: str, cache: bool, ckpt: bool, steps: int, images_dir: Path, tmp: Path) -> dict:
     s = SETUPS[setup]
-    spec = {**s, "cache": cache, "ckpt": ckpt, "steps": steps, "images_dir": str(images_dir),
-            "out": str(tmp / f"{setup}-{int(cache)}-{int(ckpt)}"), "cache_dir": str(tmp / f"cache-{setup}")}
-    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=REPO)
+    spec = {
+        **s,
+        "cache": cache,
+        "ckpt": ckpt,
+        "steps": steps,
+        "images_dir": str(images_dir),
+        "out": str(tmp / f"{setup}-{int(cache)}-{int(ckpt)}"),
+        "cache_dir": str(tmp / f"cache-{setup}"),
+    }
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=REPO
+    )
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -111,7 +131,9 @@ def main() -> int:
                     res = run_variant(setup, cache, ckpt, steps, images, tmp)
                     rows.append((setup, cache, ckpt, res))
                     print(f"  {setup:8s} cache={cache!s:5s} ckpt={ckpt!s:5s} {json.dumps(res)}", file=sys.stderr)
-    print(f"\n{'setup':8s} {'batch':>5s} {'cache':>5s} {'ckpt':>5s} {'img/s':>8s} {'vs live':>8s} {'peak RSS MiB':>13s} {'Δ in steps MiB':>15s}")
+    print(
+        f"\n{'setup':8s} {'batch':>5s} {'cache':>5s} {'ckpt':>5s} {'img/s':>8s} {'vs live':>8s} {'peak RSS MiB':>13s} {'Δ in steps MiB':>15s}"
+    )
     base: dict[str, float] = {}
     for setup, cache, ckpt, r in rows:
         if "error" in r:
@@ -120,8 +142,10 @@ def main() -> int:
         if not cache and not ckpt:
             base[setup] = r["images_per_s"]
         ratio = r["images_per_s"] / base[setup] if setup in base else float("nan")
-        print(f"{setup:8s} {SETUPS[setup]['batch']:5d} {cache!s:>5s} {ckpt!s:>5s} {r['images_per_s']:8.1f} {ratio:7.2f}x "
-              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] - r['rss_before_steps_mib']:15.0f}")
+        print(
+            f"{setup:8s} {SETUPS[setup]['batch']:5d} {cache!s:>5s} {ckpt!s:>5s} {r['images_per_s']:8.1f} {ratio:7.2f}x "
+            f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] - r['rss_before_steps_mib']:15.0f}"
+        )
     for setup, cache, ckpt, r in rows:
         if cache and not ckpt and r.get("teacher_images_per_s"):
             print(f"{setup}: teacher alone (cache build) {r['teacher_images_per_s']:.1f} images/s")

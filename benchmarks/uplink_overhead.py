@@ -38,9 +38,23 @@ def cpu_seconds(pid: int) -> float:
 
 def daemon(tmp: Path, endpoint: str) -> subprocess.Popen:
     return subprocess.Popen(
-        agent_command("--camera", str(REPO / "models/sample/drive.mp4"), "--loop", "--realtime", "--threads", "2",
-                      "--publish", endpoint, "--metrics-address", f"127.0.0.1:{free_port()}", "--log-format", "json"),
-        stdout=open(tmp / "daemon.log", "ab"), stderr=subprocess.STDOUT, cwd=REPO,
+        agent_command(
+            "--camera",
+            str(REPO / "models/sample/drive.mp4"),
+            "--loop",
+            "--realtime",
+            "--threads",
+            "2",
+            "--publish",
+            endpoint,
+            "--metrics-address",
+            f"127.0.0.1:{free_port()}",
+            "--log-format",
+            "json",
+        ),
+        stdout=open(tmp / "daemon.log", "ab"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
         env={**os.environ, "RETROFIT_PUBLISH__VEHICLE": "bench"},
     )
 
@@ -52,8 +66,22 @@ def measure_cpu(tmp: Path, seconds: float, broker: Broker) -> dict:
     d0, t0 = cpu_seconds(d.pid), time.monotonic()
     time.sleep(seconds)
     alone = (cpu_seconds(d.pid) - d0) / (time.monotonic() - t0)
-    u = Uplink(tmp, ["--endpoint", endpoint, "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--journal",
-                     str(tmp / "j-cpu"), "--vehicle", "bench", "--tags", "changes"], name="uplink-cpu").start()
+    u = Uplink(
+        tmp,
+        [
+            "--endpoint",
+            endpoint,
+            "--mqtt",
+            f"mqtt://127.0.0.1:{broker.port}",
+            "--journal",
+            str(tmp / "j-cpu"),
+            "--vehicle",
+            "bench",
+            "--tags",
+            "changes",
+        ],
+        name="uplink-cpu",
+    ).start()
     u.wait_ready()
     time.sleep(3)
     d0, u0, t0 = cpu_seconds(d.pid), cpu_seconds(u.proc.pid), time.monotonic()
@@ -66,10 +94,15 @@ def measure_cpu(tmp: Path, seconds: float, broker: Broker) -> dict:
     d.terminate()
     d.wait(10)
     cores = os.cpu_count() or 1
-    return {"daemon_alone_cores": round(alone, 3), "daemon_with_uplink_cores": round(with_uplink, 3),
-            "uplink_cores": round(uplink, 4), "uplink_over_daemon": round(uplink / alone, 4),
-            "uplink_share_of_vehicle": round(uplink / cores, 4), "cores": cores,
-            "messages_forwarded": int(forwarded)}
+    return {
+        "daemon_alone_cores": round(alone, 3),
+        "daemon_with_uplink_cores": round(with_uplink, 3),
+        "uplink_cores": round(uplink, 4),
+        "uplink_over_daemon": round(uplink / alone, 4),
+        "uplink_share_of_vehicle": round(uplink / cores, 4),
+        "cores": cores,
+        "messages_forwarded": int(forwarded),
+    }
 
 
 def measure_drain(tmp: Path, broker: Broker) -> dict:
@@ -79,12 +112,28 @@ def measure_drain(tmp: Path, broker: Broker) -> dict:
 
     jdir = tmp / "j-drain"
     journal = Journal(jdir, max_bytes=1024**3, max_age_s=86400)
-    tags = json.dumps({"topic": "tags", "schema_version": 2, "run_id": "r0", "vehicle": "bench", "camera": "front",
-                       "seq": 0, "frame_id": 0, "captured_at": "2026-11-29T12:00:00.000Z", "model": "m@1",
-                       "tags": [{"group": "weather", "label": "rain", "score": 0.7}],
-                       "top": [{"group": g, "label": "x", "score": 0.5} for g in range(8)],
-                       "latency": {"capture_wait_ms": 1, "preprocess_ms": 2, "inference_ms": 60, "labelling_ms": 0.3,
-                                   "end_to_end_ms": 64}}).encode()
+    tags = json.dumps(
+        {
+            "topic": "tags",
+            "schema_version": 2,
+            "run_id": "r0",
+            "vehicle": "bench",
+            "camera": "front",
+            "seq": 0,
+            "frame_id": 0,
+            "captured_at": "2026-11-29T12:00:00.000Z",
+            "model": "m@1",
+            "tags": [{"group": "weather", "label": "rain", "score": 0.7}],
+            "top": [{"group": g, "label": "x", "score": 0.5} for g in range(8)],
+            "latency": {
+                "capture_wait_ms": 1,
+                "preprocess_ms": 2,
+                "inference_ms": 60,
+                "labelling_ms": 0.3,
+                "end_to_end_ms": 64,
+            },
+        }
+    ).encode()
     rows = [("retrofit/bench/front/tags", tags)] * 54000 + [("retrofit/bench/front/status", tags[:400])] * 1800
     for i in range(0, len(rows), 5000):
         journal.append(rows[i : i + 5000], {})
@@ -95,16 +144,40 @@ def measure_drain(tmp: Path, broker: Broker) -> dict:
     endpoint = f"ipc://{tmp}/live.sock"
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.bind(endpoint)
-    u = Uplink(tmp, ["--endpoint", endpoint, "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--journal", str(jdir),
-                     "--vehicle", "bench", "--tags", "all"], name="uplink-drain").start()
+    u = Uplink(
+        tmp,
+        [
+            "--endpoint",
+            endpoint,
+            "--mqtt",
+            f"mqtt://127.0.0.1:{broker.port}",
+            "--journal",
+            str(jdir),
+            "--vehicle",
+            "bench",
+            "--tags",
+            "all",
+        ],
+        name="uplink-drain",
+    ).start()
     u.wait_ready()
     t0 = time.monotonic()
     sent: dict[int, float] = {}
     seq = 0
     while u.metric("retrofit_uplink_backlog_messages") > 1 or seq < 3:
-        body = {"topic": "events", "schema_version": 2, "run_id": "live", "vehicle": "bench", "camera": "front",
-                "seq": seq, "frame_id": seq, "at": "x", "model": "m", "event": "tag_on",
-                "tag": {"group": "g", "label": "l", "score": 1.0}}
+        body = {
+            "topic": "events",
+            "schema_version": 2,
+            "run_id": "live",
+            "vehicle": "bench",
+            "camera": "front",
+            "seq": seq,
+            "frame_id": seq,
+            "at": "x",
+            "model": "m",
+            "event": "tag_on",
+            "tag": {"group": "g", "label": "l", "score": 1.0},
+        }
         pub.send_multipart([b"events", json.dumps(body).encode()])
         sent[seq] = time.monotonic()
         seq += 1
@@ -118,10 +191,15 @@ def measure_drain(tmp: Path, broker: Broker) -> dict:
     u.stop()
     consumer.stop()
     pub.close(0)
-    return {"backlog_messages": len(rows), "backlog_mb": round(backlog_bytes / 1e6, 1), "drain_s": round(drain, 1),
-            "live_events_sent_during_drain": len(sent), "live_events_delivered": len(delays),
-            "live_event_delay_max_s": round(max(delays), 3) if delays else None,
-            "uplink_log_drain_s": [e.get("seconds") for e in u.events() if e.get("event") == "backlog_drained"]}
+    return {
+        "backlog_messages": len(rows),
+        "backlog_mb": round(backlog_bytes / 1e6, 1),
+        "drain_s": round(drain, 1),
+        "live_events_sent_during_drain": len(sent),
+        "live_events_delivered": len(delays),
+        "live_event_delay_max_s": round(max(delays), 3) if delays else None,
+        "uplink_log_drain_s": [e.get("seconds") for e in u.events() if e.get("event") == "backlog_drained"],
+    }
 
 
 def main() -> None:

@@ -22,7 +22,13 @@ elif [ -n "$missing" ]; then
 fi
 # --- end of Debian programs
 VENV=${VENV:-.venv}
-pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+# pip, quietly, minus this machine's harmless index warnings; a failed install fails the run.
+pip_q() {
+  local out status=0
+  out=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1) || status=$?
+  printf '%s\n' "$out" | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
+  return "$status"
+}
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # torch with pip and pinned first: this is the build pip finds on these machines' disk (CUDA
@@ -30,4 +36,8 @@ pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 
 pip_q "torch==2.14.1" "torchvision==0.29.1"
 pip_q -e ".[train,test]"
 "$VENV/bin/python" -c "import torch, timm, open_clip, onnxruntime, zmq" # fail loudly if an install failed
+# The style checks run first and fail the run: lint, format, and types on the runtime.
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+"$VENV/bin/mypy"
 exec "$VENV/bin/python" -m pytest "$@"

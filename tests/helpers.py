@@ -95,7 +95,11 @@ def receive(sock: zmq.Socket, timeout: float) -> list[tuple[str, dict]]:
 
 def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        agent_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        agent_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, **(env or {})},
     )
 
@@ -111,9 +115,25 @@ def serve_http_stream(clip: Path, port: int, loop: bool = True) -> subprocess.Po
     """
     assert FFMPEG, "needs Debian's ffmpeg (scripts/test.sh installs it)"
     return subprocess.Popen(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", *(["-stream_loop", "-1"] if loop else []),
-         "-i", str(clip), "-c:v", "mpeg4", "-q:v", "5", "-f", "mpegts", "-listen", "1",
-         f"http://127.0.0.1:{port}/live.ts"],
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            *(["-stream_loop", "-1"] if loop else []),
+            "-i",
+            str(clip),
+            "-c:v",
+            "mpeg4",
+            "-q:v",
+            "5",
+            "-f",
+            "mpegts",
+            "-listen",
+            "1",
+            f"http://127.0.0.1:{port}/live.ts",
+        ],
         stdin=subprocess.DEVNULL,
     )
 

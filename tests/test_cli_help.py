@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from helpers import REPO, run_cli
 from retrofit_agent import __version__
 from retrofit_agent.daemon.cli import SUBCOMMANDS
 from retrofit_agent.train.cli import build_parser
-
-from helpers import REPO, run_cli
 
 
 def _options(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
@@ -38,8 +37,11 @@ def _all_options() -> list[tuple[str, argparse.Action]]:
 
 
 def test_every_option_of_both_programs_has_help():
-    missing = [f"{path}: {'/'.join(a.option_strings) or a.dest}" for path, a in _all_options()
-               if not a.help or a.help == argparse.SUPPRESS]
+    missing = [
+        f"{path}: {'/'.join(a.option_strings) or a.dest}"
+        for path, a in _all_options()
+        if not a.help or a.help == argparse.SUPPRESS
+    ]
     assert missing == []
 
 

@@ -11,17 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from retrofit_agent.contract.bundle import read_manifest, write_manifest
-
 from helpers import REFERENCE, REPO
+from retrofit_agent.contract.bundle import read_manifest, write_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _demo(bundle: Path, frames: int = 6) -> subprocess.CompletedProcess:
     env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "BUNDLE": str(bundle)}
-    return subprocess.run(["bash", "scripts/demo.sh", "--max-frames", str(frames)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", "scripts/demo.sh", "--max-frames", str(frames)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_demo_prints_legend_tags_and_summary():
@@ -36,7 +41,7 @@ def test_demo_prints_legend_tags_and_summary():
     assert any(line.startswith("tags   seq=0 ") for line in lines)
     summary = lines.index(f"summary: 6 frames from {manifest.model_id}")
     assert summary > max(i for i, line in enumerate(lines) if line.startswith("tags   "))
-    groups = {line.split()[0] for line in lines[summary + 2:] if not line.startswith("    ")}
+    groups = {line.split()[0] for line in lines[summary + 2 :] if not line.startswith("    ")}
     assert groups == {g.name for g in manifest.bank.groups}  # every group had a top label each frame
     assert "Traceback" not in r.stderr
 

@@ -1,9 +1,9 @@
-from retrofit_agent.daemon.config import AgentConfig
-from retrofit_agent.daemon.metrics import AgentMetrics
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from helpers import REPO
+from retrofit_agent.daemon.config import AgentConfig
+from retrofit_agent.daemon.metrics import AgentMetrics
 
 README = (REPO / "README.md").read_text()
 

@@ -42,12 +42,10 @@ class InputSpec(_Strict):
     resize: Literal["stretch", "center_crop", "letterbox"] = Field(
         "stretch", description="How the frame's aspect ratio is handled."
     )
-    interpolation: Literal["area", "linear", "cubic"] = Field(
-        "area", description="Resampling filter for the resize."
-    )
+    interpolation: Literal["area", "linear", "cubic"] = Field("area", description="Resampling filter for the resize.")
 
     @model_validator(mode="after")
-    def _positive_std(self) -> "InputSpec":
+    def _positive_std(self) -> InputSpec:
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be > 0")
         return self
@@ -144,11 +142,13 @@ class Manifest(_Strict):
         """Every encoder by variant name, as a full ModelSpec; a bundle without variants has one, 'default'."""
         if not self.variants:
             return {"default": self.model}
-        return {v.name: self.model.model_copy(update={"file": v.file, "quantization": v.quantization})
-                for v in self.variants}
+        return {
+            v.name: self.model.model_copy(update={"file": v.file, "quantization": v.quantization})
+            for v in self.variants
+        }
 
     @model_validator(mode="after")
-    def _unique_variants(self) -> "Manifest":
+    def _unique_variants(self) -> Manifest:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
@@ -245,8 +245,9 @@ def read_manifest(root: Path) -> Manifest:
 def load_bank(path: Path) -> TextBank:
     """Load a ``.npz`` bank without pickle and check its dtype, shape and values."""
     if Path(path).is_file() and not zipfile.is_zipfile(path):  # np.load would take it for a pickle
-        raise BundleError(f"bank {path}: not a readable .npz file (not a zip archive; 'retrofit-model prompts' "
-                          "writes banks)")
+        raise BundleError(
+            f"bank {path}: not a readable .npz file (not a zip archive; 'retrofit-model prompts' writes banks)"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
@@ -259,9 +260,7 @@ def load_bank(path: Path) -> TextBank:
             raise BundleError(f"bank {path}: missing array {key!r}")
     emb = data["embeddings"]
     if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] == 0:
-        raise BundleError(
-            f"bank {path}: embeddings must be a non-empty 2-D float32 array, got {emb.dtype} {emb.shape}"
-        )
+        raise BundleError(f"bank {path}: embeddings must be a non-empty 2-D float32 array, got {emb.dtype} {emb.shape}")
     if not np.isfinite(emb).all():
         raise BundleError(f"bank {path}: embeddings contain NaN or infinity")
     norms = np.linalg.norm(emb, axis=1)
@@ -289,9 +288,7 @@ def check_bank_matches(manifest: Manifest, bank: TextBank, where: str) -> None:
         )
     dim = manifest.model.output.embedding_dim
     if bank.embeddings.shape[1] != dim:
-        raise BundleError(
-            f"{where}: bank embedding dim {bank.embeddings.shape[1]} != model embedding dim {dim}"
-        )
+        raise BundleError(f"{where}: bank embedding dim {bank.embeddings.shape[1]} != model embedding dim {dim}")
     expected = tuple(f"{g.name}.{l.name}" for g in manifest.bank.groups for l in g.labels)
     if bank.keys != expected:
         raise BundleError(f"{where}: bank labels do not match the manifest's groups/labels; rebuild the bundle")
@@ -328,7 +325,12 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
 
 
 def save_bank(
-    path: Path, embeddings: np.ndarray, groups: list[str], labels: list[str], teacher: str, fingerprint: str,
+    path: Path,
+    embeddings: np.ndarray,
+    groups: list[str],
+    labels: list[str],
+    teacher: str,
+    fingerprint: str,
     logit_scale: float | None = None,
 ) -> None:
     """Write a bank; ``logit_scale`` (the teacher's) is kept for the bundle builder."""

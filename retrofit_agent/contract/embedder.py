@@ -55,11 +55,11 @@ class Embedder:
         self._output_names = [out.name]
 
     @classmethod
-    def from_file(cls, path: Path, spec: ModelSpec, intra_op_threads: int = 0, spinning: bool = False) -> "Embedder":
+    def from_file(cls, path: Path, spec: ModelSpec, intra_op_threads: int = 0, spinning: bool = False) -> Embedder:
         return cls(open_session(path, intra_op_threads, spinning), spec, where=f"model {path}")
 
     @classmethod
-    def from_onnx(cls, path: Path, intra_op_threads: int = 0) -> "Embedder":
+    def from_onnx(cls, path: Path, intra_op_threads: int = 0) -> Embedder:
         """An embedder for a model the exporter wrote, its spec read from the ONNX metadata.
 
         The toolchain's gate, parity check, evaluation and bench use this, so they run the

@@ -148,9 +148,7 @@ def json_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "retrofit-agent ZeroMQ messages",
         "description": f"Multipart [topic, JSON] messages, schema_version {SCHEMA_VERSION}.",
-        "oneOf": [
-            {"$ref": f"#/$defs/{m}"} for m in ("TagsMessage", "EventMessage", "StatusMessage", "CaptureMessage")
-        ],
+        "oneOf": [{"$ref": f"#/$defs/{m}"} for m in ("TagsMessage", "EventMessage", "StatusMessage", "CaptureMessage")],
         "$defs": defs,
     }
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from retrofit_agent.contract.bundle import GroupSpec, LabelSpec
-from retrofit_agent.contract.settings import format_validation_error
 from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.settings import format_validation_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +46,7 @@ class PromptSet(_Strict):
     groups: list[PromptGroup] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "PromptSet":
+    def _check(self) -> PromptSet:
         for t in self.templates + [t for g in self.groups for t in (g.templates or [])]:
             if t.count("{}") != 1:
                 raise ValueError(f"template {t!r} must contain '{{}}' exactly once")

@@ -23,13 +23,17 @@ def render_frame(i: int, width: int = 640, height: int = 360, n_frames: int = 15
     for y in range(horizon):
         img[y] = (sky_top * (0.7 + 0.3 * y / horizon)).astype(np.uint8)
     img[horizon:] = (70, 75, 70)
-    road = np.array([[width * 0.05, height], [width * 0.95, height], [width * 0.55, horizon], [width * 0.45, horizon]], np.int32)
+    road = np.array(
+        [[width * 0.05, height], [width * 0.95, height], [width * 0.55, horizon], [width * 0.45, horizon]], np.int32
+    )
     cv2.fillPoly(img, [road], (60, 60, 60))
     for k in range(8):  # dashed centre line moving towards the camera
         s = ((k / 8.0) + t * 4) % 1.0
         y0, y1 = horizon + (height - horizon) * s**2, horizon + (height - horizon) * min(1.0, (s + 0.05)) ** 2
         w0, w1 = 1 + 6 * s, 1 + 6 * min(1.0, s + 0.05)
-        pts = np.array([[width / 2 - w0, y0], [width / 2 + w0, y0], [width / 2 + w1, y1], [width / 2 - w1, y1]], np.int32)
+        pts = np.array(
+            [[width / 2 - w0, y0], [width / 2 + w0, y0], [width / 2 + w1, y1], [width / 2 - w1, y1]], np.int32
+        )
         cv2.fillPoly(img, [pts], (230, 230, 230))
     for lane, phase, colour in ((-1, 0.1, (40, 40, 200)), (1, 0.55, (200, 200, 200))):
         s = 0.25 + 0.6 * ((t + phase) % 1.0)

@@ -30,12 +30,18 @@ def generate_signing_keys(directory: Path, name: str, force: bool = False) -> tu
     keyfiles.refuse_existing((private, public), force)
     keyfiles.prepare_directory(directory)
     key = Ed25519PrivateKey.generate()
-    keyfiles.write_key_file(private, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ), keyfiles.SECRET_MODE, force)
-    keyfiles.write_key_file(public, key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ), keyfiles.PUBLIC_MODE, force)
+    keyfiles.write_key_file(
+        private,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        keyfiles.SECRET_MODE,
+        force,
+    )
+    keyfiles.write_key_file(
+        public,
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        keyfiles.PUBLIC_MODE,
+        force,
+    )
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return public, private, keyfiles.fingerprint(raw)
 
@@ -71,7 +77,9 @@ def verify_bundle_signature(root: Path, public_key: Path) -> None:
         signature = sig_path.read_bytes()
         manifest = (root / "manifest.json").read_bytes()
     except FileNotFoundError as e:
-        raise BundleError(f"bundle {root}: unsigned ({Path(e.filename).name} missing) but a signing key is configured") from None
+        raise BundleError(
+            f"bundle {root}: unsigned ({Path(e.filename).name} missing) but a signing key is configured"
+        ) from None
     try:
         key.verify(signature, manifest)
     except InvalidSignature:

@@ -11,7 +11,7 @@ Pure numpy, no state.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

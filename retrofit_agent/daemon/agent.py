@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import structlog
@@ -175,8 +175,11 @@ class Agent:
         tensor = self._model_input(frame)
         if tensor is None:
             return
-        prep_seconds = frame.prepared.seconds if frame.prepared and frame.prepared.generation == p.generation \
+        prep_seconds = (
+            frame.prepared.seconds
+            if frame.prepared and frame.prepared.generation == p.generation
             else self._clock() - t0
+        )
         t1 = self._clock()
         try:
             embedding = p.embedder.embed(tensor)
@@ -245,7 +248,9 @@ class Agent:
             self.collector.set_model(m.model_id, m.version)
         self._log = log.bind(camera=self.outputs.camera, model=m.model_id)
         self._log.info(
-            "reload_applied", previous_model=old_id, model_changed=done.model_changed,
+            "reload_applied",
+            previous_model=old_id,
+            model_changed=done.model_changed,
             campaigns=[c.name for c in campaigns],
         )
 
@@ -269,8 +274,12 @@ class Agent:
 
     def _record(self, frame: Frame, result: LabelResult, seq: int) -> FrameRecord:
         return FrameRecord(
-            image=frame.image, frame_id=frame.frame_id, seq=seq, captured_wall=frame.captured_wall,
-            captured_mono=frame.captured_mono, tags={t.key: t.score for t in result.tags},
+            image=frame.image,
+            frame_id=frame.frame_id,
+            seq=seq,
+            captured_wall=frame.captured_wall,
+            captured_mono=frame.captured_mono,
+            tags={t.key: t.score for t in result.tags},
             top={t.group: (t.label, t.score) for t in result.tops},
         )
 
@@ -308,6 +317,13 @@ class Agent:
         m = self.pipeline.bundle.manifest
         running = self.pipeline.running
         thermal = self.pacer.thermal if self.pacer is not None else None
-        self.outputs.status(self.pipeline.model_id, m.trained, self._health(), self._processed, self._last_fps,
-                            self._current_tags, variant=None if running is None else running.label,
-                            thermal=None if thermal is None else thermal.state)
+        self.outputs.status(
+            self.pipeline.model_id,
+            m.trained,
+            self._health(),
+            self._processed,
+            self._last_fps,
+            self._current_tags,
+            variant=None if running is None else running.label,
+            thermal=None if thermal is None else thermal.state,
+        )

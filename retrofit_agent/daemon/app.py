@@ -10,9 +10,9 @@ the grabber and the loop; READY last.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -82,14 +82,18 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
         pacer = build_pacer(cfg.budget, log)
         collector = _start_collector(cfg, pipeline, metrics, camera, stack)
         model_bytes = pipeline.model_path.stat().st_size
-        grabber = FrameGrabber(
-            cfg.camera, metrics, admit=lambda w, h: _admit(cfg, model_bytes, w, h)
-        )
+        grabber = FrameGrabber(cfg.camera, metrics, admit=lambda w, h: _admit(cfg, model_bytes, w, h))
         grabber.set_preparer(pipeline.prepare, pipeline.generation)
         grabber.start()
         stack.callback(grabber.stop)
-        reloader = Reloader(cfg, pipeline, reload_config, build, collecting=collector is not None,
-                            on_result=lambda r: metrics.reloads.labels(result=r).inc())
+        reloader = Reloader(
+            cfg,
+            pipeline,
+            reload_config,
+            build,
+            collecting=collector is not None,
+            on_result=lambda r: metrics.reloads.labels(result=r).inc(),
+        )
         settings = LoopSettings(cfg.publish.status_interval_s, cfg.camera.stall_timeout_s, cfg.max_frames)
         outputs = Outputs(publisher, camera, cfg.publish.vehicle)
         io = AgentIO(grabber, outputs, metrics, notifier, stop, collector, reloader, pacer)
@@ -136,7 +140,9 @@ def _start_collector(
     try:
         collector.start()
     except OSError as e:
-        raise ConfigError(f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}") from None
+        raise ConfigError(
+            f"collect.store.directory: cannot use {cfg.collect.store.directory}: {e.strerror or e}"
+        ) from None
     stack.callback(collector.stop)
     return collector
 

@@ -41,8 +41,13 @@ class MemoryEstimate:
         return self.runtime + self.frames + self.ring + self.queue + self.decoder
 
     def describe(self) -> str:
-        parts = (("runtime", self.runtime), ("decoder", self.decoder), ("frames", self.frames),
-                 ("pre-trigger ring", self.ring), ("capture queue", self.queue))
+        parts = (
+            ("runtime", self.runtime),
+            ("decoder", self.decoder),
+            ("frames", self.frames),
+            ("pre-trigger ring", self.ring),
+            ("capture queue", self.queue),
+        )
         return ", ".join(f"{name} {size / MB:.0f} MB" for name, size in parts if size)
 
 

@@ -122,7 +122,13 @@ def build_pacer(cfg: BudgetConfig, log: structlog.typing.FilteringBoundLogger) -
     pacer = Pacer(cfg, thermal)
     if not pacer.limited:
         return None
-    log.info("budget", max_fps=cfg.max_fps, max_cpu=cfg.max_cpu, cpu_window_s=cfg.cpu_window_s,
-             thermal_zone=None if zone is None else str(zone), thermal_high_c=cfg.thermal_high_c,
-             thermal_critical_c=cfg.thermal_critical_c)
+    log.info(
+        "budget",
+        max_fps=cfg.max_fps,
+        max_cpu=cfg.max_cpu,
+        cpu_window_s=cfg.cpu_window_s,
+        thermal_zone=None if zone is None else str(zone),
+        thermal_high_c=cfg.thermal_high_c,
+        thermal_critical_c=cfg.thermal_critical_c,
+    )
     return pacer

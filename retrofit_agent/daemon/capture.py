@@ -20,9 +20,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -105,8 +106,7 @@ def check_source(cfg: CameraConfig) -> None:
     """
     if resolve_kind(cfg) == "gstreamer" and not _opencv_has_gstreamer():
         raise CaptureError(
-            "camera.source: a GStreamer pipeline needs an OpenCV build with GStreamer support "
-            "(the PyPI wheel has none)"
+            "camera.source: a GStreamer pipeline needs an OpenCV build with GStreamer support (the PyPI wheel has none)"
         )
 
 
@@ -123,8 +123,10 @@ def open_source(cfg: CameraConfig) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(device, cv2.CAP_V4L2)
     elif kind == "url":
         params = [
-            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cfg.read_timeout_s * 1000),
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            int(cfg.open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            int(cfg.read_timeout_s * 1000),
         ]
         cap = cv2.VideoCapture(src, cv2.CAP_FFMPEG, params)
     elif kind == "gstreamer":
@@ -236,8 +238,11 @@ class StreamClock:
             rate = float(np.median(self._ratios))
             self.trusted = abs(rate - 1.0) <= self.RATE_TOLERANCE
             if not self.trusted:
-                log.info("stream_timestamps_ignored", rate=round(rate, 3),
-                         reason="they do not advance with the wall clock (made up by the demuxer?)")
+                log.info(
+                    "stream_timestamps_ignored",
+                    rate=round(rate, 3),
+                    reason="they do not advance with the wall clock (made up by the demuxer?)",
+                )
 
 
 class FilePacer:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
-
+from typing import NoReturn
 
 from retrofit_agent import __version__
-from retrofit_agent.daemon.config import load_config
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
+from retrofit_agent.daemon.config import load_config
 
 PROG = "retrofit-agent"
 
@@ -60,33 +60,61 @@ def _positive_float(text: str) -> float:
 
 def run_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog=PROG, usage="%(prog)s [run] [OPTIONS]\n       %(prog)s COMMAND [ARGS]",
+        prog=PROG,
+        usage="%(prog)s [run] [OPTIONS]\n       %(prog)s COMMAND [ARGS]",
         description="Real-time zero-shot image labelling on an in-car camera. Without a COMMAND (or with "
         "'run') it runs the daemon with the options below.",
-        epilog=_commands_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_commands_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", type=Path, help="TOML config file (default: $RETROFIT_CONFIG)")
-    p.add_argument("--camera", dest="camera.source", metavar="SOURCE",
-                   help="/dev/videoN, a device index, a video file, an rtsp/http URL or a GStreamer pipeline")
+    p.add_argument(
+        "--camera",
+        dest="camera.source",
+        metavar="SOURCE",
+        help="/dev/videoN, a device index, a video file, an rtsp/http URL or a GStreamer pipeline",
+    )
     p.add_argument("--camera-id", dest="camera.id", metavar="ID", help="camera id in messages and metrics")
     p.add_argument("--loop", dest="camera.loop", action="store_true", default=None, help="loop a video file")
-    p.add_argument("--realtime", dest="camera.realtime", action="store_true", default=None,
-                   help="pace a video file at its frame rate, like a live camera")
+    p.add_argument(
+        "--realtime",
+        dest="camera.realtime",
+        action="store_true",
+        default=None,
+        help="pace a video file at its frame rate, like a live camera",
+    )
     p.add_argument("--bundle", dest="model.bundle", metavar="DIR", help="model bundle directory")
-    p.add_argument("--threads", dest="model.intra_op_threads", type=int, metavar="N",
-                   help="onnxruntime intra-op threads (0: onnxruntime's default)")
-    p.add_argument("--publish", dest="publish.endpoint", metavar="ENDPOINT",
-                   help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556 or ipc:///run/retrofit-agent/tags")
-    p.add_argument("--metrics-address", dest="metrics.address", metavar="HOST:PORT",
-                   help="Prometheus /metrics address")
-    p.add_argument("--no-metrics", dest="metrics.enabled", action="store_false", default=None,
-                   help="do not serve /metrics")
+    p.add_argument(
+        "--threads",
+        dest="model.intra_op_threads",
+        type=int,
+        metavar="N",
+        help="onnxruntime intra-op threads (0: onnxruntime's default)",
+    )
+    p.add_argument(
+        "--publish",
+        dest="publish.endpoint",
+        metavar="ENDPOINT",
+        help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556 or ipc:///run/retrofit-agent/tags",
+    )
+    p.add_argument("--metrics-address", dest="metrics.address", metavar="HOST:PORT", help="Prometheus /metrics address")
+    p.add_argument(
+        "--no-metrics", dest="metrics.enabled", action="store_false", default=None, help="do not serve /metrics"
+    )
     p.add_argument("--max-frames", dest="max_frames", type=int, metavar="N", help="stop after N processed frames")
-    p.add_argument("--log-format", dest="log.format", choices=("auto", "json", "console"),
-                   help="log lines on stderr: console for a terminal, json lines otherwise (auto, the default)")
-    p.add_argument("--log-level", dest="log.level", choices=("debug", "info", "warning", "error"),
-                   help="minimum log level (default: info)")
+    p.add_argument(
+        "--log-format",
+        dest="log.format",
+        choices=("auto", "json", "console"),
+        help="log lines on stderr: console for a terminal, json lines otherwise (auto, the default)",
+    )
+    p.add_argument(
+        "--log-level",
+        dest="log.level",
+        choices=("debug", "info", "warning", "error"),
+        help="minimum log level (default: info)",
+    )
     return p
 
 
@@ -128,19 +156,36 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int:
 def tail_parser() -> argparse.ArgumentParser:
     from retrofit_agent.contract.messages import TOPICS
 
-    p = _Parser(prog=f"{PROG} tail", description="Print what a running daemon publishes. Says on stderr what "
-                "it waits for, and once if nothing arrives within 5 s.")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5556",
-                   help="the daemon's PUB endpoint (its publish.endpoint; default: %(default)s)")
+    p = _Parser(
+        prog=f"{PROG} tail",
+        description="Print what a running daemon publishes. Says on stderr what "
+        "it waits for, and once if nothing arrives within 5 s.",
+    )
+    p.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:5556",
+        help="the daemon's PUB endpoint (its publish.endpoint; default: %(default)s)",
+    )
     p.add_argument("--topic", action="append", choices=TOPICS, help="topic to show (repeatable; default: all)")
     p.add_argument("--count", type=_positive_int, help="exit 0 after this many messages")
-    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
-                   help="exit 1 with a one-line reason after this many seconds")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="exit 1 with a one-line reason after this many seconds",
+    )
     p.add_argument("--json", action="store_true", help="print raw JSON payloads")
-    p.add_argument("--summary", action="store_true",
-                   help="at exit, print per group how many frames each label was the top label and a tag")
-    p.add_argument("--legend", type=Path, metavar="BUNDLE",
-                   help="first print what this bundle is (trained or not, its labels) and how to read the lines")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="at exit, print per group how many frames each label was the top label and a tag",
+    )
+    p.add_argument(
+        "--legend",
+        type=Path,
+        metavar="BUNDLE",
+        help="first print what this bundle is (trained or not, its labels) and how to read the lines",
+    )
     p.add_argument("--curve-client-cert", type=Path, help="this subscriber's CURVE certificate (.key_secret)")
     p.add_argument("--curve-server-key", type=Path, help="the daemon's public CURVE certificate (.key)")
     return p
@@ -186,12 +231,19 @@ def keys_parser() -> argparse.ArgumentParser:
         "Prints the public key's fingerprint: 'sha256:' and the first 16 hex digits of the sha256 of the raw "
         "32-byte public key.",
     )
-    p.add_argument("kind", choices=("curve", "signing"),
-                   help="curve: NAME.key + NAME.key_secret (ZeroMQ CURVE); signing: NAME.ed25519.pub.pem + "
-                   "NAME.ed25519.pem (bundle signatures)")
+    p.add_argument(
+        "kind",
+        choices=("curve", "signing"),
+        help="curve: NAME.key + NAME.key_secret (ZeroMQ CURVE); signing: NAME.ed25519.pub.pem + "
+        "NAME.ed25519.pem (bundle signatures)",
+    )
     p.add_argument("directory", type=Path, help="where to write the key files (created if missing)")
-    p.add_argument("--name", default="retrofit-agent", type=_key_name,
-                   help="file name stem: letters, digits, '.', '_', '-' (default: %(default)s)")
+    p.add_argument(
+        "--name",
+        default="retrofit-agent",
+        type=_key_name,
+        help="file name stem: letters, digits, '.', '_', '-' (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="replace existing key files")
     return p
 
@@ -220,8 +272,11 @@ def keys_main(argv: Sequence[str]) -> int:
 
 
 def sign_bundle_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} sign-bundle", description="Sign a bundle's manifest with an Ed25519 private key "
-                "(writes manifest.json.sig); a bundle that does not verify is refused.")
+    p = _Parser(
+        prog=f"{PROG} sign-bundle",
+        description="Sign a bundle's manifest with an Ed25519 private key "
+        "(writes manifest.json.sig); a bundle that does not verify is refused.",
+    )
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM, from 'keys signing')")
     return p
@@ -331,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]].main(argv[1:])
     if argv and not argv[0].startswith("-"):
-        sys.stderr.write(f"{PROG}: error: unknown command {argv[0]!r} (commands: {', '.join(SUBCOMMANDS)}; "
-                         "see --help)\n")
+        sys.stderr.write(
+            f"{PROG}: error: unknown command {argv[0]!r} (commands: {', '.join(SUBCOMMANDS)}; see --help)\n"
+        )
         return 2
     return run(argv)

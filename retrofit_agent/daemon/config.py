@@ -9,8 +9,9 @@ job at start-up).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -85,9 +86,7 @@ class CameraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    bundle: Path = Field(
-        Path("models/reference"), description="Model bundle directory (manifest.json, model, bank)."
-    )
+    bundle: Path = Field(Path("models/reference"), description="Model bundle directory (manifest.json, model, bank).")
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime intra-op threads; 0: chosen by measurement at start-up (1 to the cores)."
     )
@@ -142,12 +141,8 @@ class CurveConfig(_Section):
 
 
 class PublishConfig(_Section):
-    endpoint: str = Field(
-        "tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint (tcp:// or ipc://)."
-    )
-    send_hwm: int = Field(
-        100, ge=1, description="Messages queued per subscriber before ZeroMQ drops new ones."
-    )
+    endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint (tcp:// or ipc://).")
+    send_hwm: int = Field(100, ge=1, description="Messages queued per subscriber before ZeroMQ drops new ones.")
     linger_ms: int = Field(0, ge=0, description="How long close() waits to flush queued messages.")
     status_interval_s: float = Field(
         2.0, gt=0, description="Period of the 'status' message that late subscribers catch up with."
@@ -182,9 +177,7 @@ class PublishConfig(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
-    address: str = Field(
-        "127.0.0.1:9108", description="host:port of the /metrics endpoint; port 0 picks a free one."
-    )
+    address: str = Field("127.0.0.1:9108", description="host:port of the /metrics endpoint; port 0 picks a free one.")
 
     @field_validator("address")
     @classmethod
@@ -233,7 +226,7 @@ class CampaignRule(_Section):
         return v
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "CampaignRule":
+    def _not_empty(self) -> CampaignRule:
         if not self.any_of and not self.all_of:
             raise ValueError("a rule needs any_of or all_of (none_of alone would match almost every frame)")
         return self
@@ -276,9 +269,7 @@ class StoreConfig(_Section):
         description="Bytes of the pre-trigger ring (frames kept JPEG-encoded for frames_before); past it the "
         "oldest go first.",
     )
-    disk_full_retry_s: float = Field(
-        5.0, gt=0, description="While the disk is full, how often to try writing again."
-    )
+    disk_full_retry_s: float = Field(5.0, gt=0, description="While the disk is full, how often to try writing again.")
     rescan_interval_s: float = Field(
         30.0, gt=0, description="How often the store re-reads its size from disk (an uploader deletes files)."
     )
@@ -300,8 +291,9 @@ class CollectConfig(_Section):
 
 class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = Field(
-        "auto", description="'json' lines for journald, 'console' for humans; 'auto': console when stderr is a "
-        "terminal, json otherwise."
+        "auto",
+        description="'json' lines for journald, 'console' for humans; 'auto': console when stderr is a "
+        "terminal, json otherwise.",
     )
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum log level.")
 
@@ -324,8 +316,9 @@ class BudgetConfig(_Section):
     )
     cpu_window_s: float = Field(5.0, ge=1, le=60, description="Window the process CPU use is averaged over.")
     thermal_zone: str = Field(
-        "auto", description="Temperature file in millidegrees C; 'auto': /sys/class/thermal/thermal_zone0/temp "
-        "where it exists; 'off': no thermal budget."
+        "auto",
+        description="Temperature file in millidegrees C; 'auto': /sys/class/thermal/thermal_zone0/temp "
+        "where it exists; 'off': no thermal budget.",
     )
     thermal_high_c: float = Field(80.0, description="Above it the model's rate is lowered stepwise.")
     thermal_critical_c: float = Field(90.0, description="Above it the model runs at thermal_floor_fps.")
@@ -335,10 +328,11 @@ class BudgetConfig(_Section):
     thermal_poll_s: float = Field(1.0, gt=0, le=10, description="How often the temperature is read.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "BudgetConfig":
+    def _ordered(self) -> BudgetConfig:
         if self.thermal_critical_c <= self.thermal_high_c:
-            raise ValueError(f"thermal_critical_c ({self.thermal_critical_c}) must be above thermal_high_c "
-                             f"({self.thermal_high_c})")
+            raise ValueError(
+                f"thermal_critical_c ({self.thermal_critical_c}) must be above thermal_high_c ({self.thermal_high_c})"
+            )
         return self
 
 
@@ -352,9 +346,7 @@ class AgentConfig(_Section):
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Image collection campaigns.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Resource budgets checked at start-up.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="CPU and thermal budgets of the model.")
-    max_frames: int | None = Field(
-        None, gt=0, description="Stop after this many processed frames (demos, tests)."
-    )
+    max_frames: int | None = Field(None, gt=0, description="Stop after this many processed frames (demos, tests).")
 
 
 # --------------------------------------------------------------------------- loading
@@ -426,4 +418,6 @@ def _check_shadowed_values(layers: list[tuple[str, dict[str, Any]]]) -> None:
                 shadowed = any(loc[: len(p)] == p or p[: len(loc)] == loc for p in later)
                 if err["type"] != "missing" and shadowed:
                     single = ValidationError.from_exception_data(e.title, [err])  # type: ignore[list-item]
-                    raise ConfigError(format_validation_error(single, origin) + " (overridden, but still invalid)") from None
+                    raise ConfigError(
+                        format_validation_error(single, origin) + " (overridden, but still invalid)"
+                    ) from None

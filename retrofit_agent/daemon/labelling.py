@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrofit_agent.contract.bundle import BankSpec, TextBank
+from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.contract.zeroshot import group_softmax, zero_shot_logits
 from retrofit_agent.daemon.config import LabelsConfig
-from retrofit_agent.contract.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ class ZeroShotLabeler:
             self._groups.append((g.name, np.arange(start, len(thresholds))))
         unknown = sorted(set(cfg.thresholds) - set(self._keys))
         if unknown:
-            raise ConfigError(f"config error: labels.thresholds: unknown label {unknown[0]!r} (known: group.label from the bundle)")
+            raise ConfigError(
+                f"config error: labels.thresholds: unknown label {unknown[0]!r} (known: group.label from the bundle)"
+            )
         for key, value in cfg.thresholds.items():
             thresholds[self._keys.index(key)] = value
         self._on_at = np.asarray(thresholds, dtype=np.float32)

@@ -12,7 +12,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 

@@ -18,8 +18,28 @@ from retrofit_agent.contract.errors import PublishError
 # Stage latencies run from well under a millisecond (labelling) to hundreds (inference on
 # a loaded camera); the 5–500 ms range where the end-to-end budget lives is densest.
 STAGE_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04,
-    0.05, 0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.035,
+    0.04,
+    0.05,
+    0.06,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
 )
 STAGES = ("capture_wait", "preprocess", "inference", "labelling", "publish")
 
@@ -40,28 +60,36 @@ class BudgetMetrics:
     thermal_state: Gauge
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> "BudgetMetrics":
+    def create(cls, registry: CollectorRegistry) -> BudgetMetrics:
         p = "retrofit_"
         m = cls(
-            variant=Info(p + "model_variant", "The variant, threads and spinning timed fastest at start-up.",
-                         registry=registry),
+            variant=Info(
+                p + "model_variant", "The variant, threads and spinning timed fastest at start-up.", registry=registry
+            ),
             variant_inference_seconds=Gauge(
-                p + "variant_inference_seconds", "Start-up timing of each candidate, seconds per inference.",
-                ["variant", "threads", "spinning"], registry=registry,
+                p + "variant_inference_seconds",
+                "Start-up timing of each candidate, seconds per inference.",
+                ["variant", "threads", "spinning"],
+                registry=registry,
             ),
             frames_skipped=Counter(
-                p + "frames_skipped", "Fresh frames the CPU or thermal budget left out (not dropped for being busy).",
-                ["reason"], registry=registry,
+                p + "frames_skipped",
+                "Fresh frames the CPU or thermal budget left out (not dropped for being busy).",
+                ["reason"],
+                registry=registry,
             ),
             rate_limit_fps=Gauge(
-                p + "rate_limit_fps", "Inferences per second the budgets allow now (+Inf: unlimited).",
+                p + "rate_limit_fps",
+                "Inferences per second the budgets allow now (+Inf: unlimited).",
                 registry=registry,
             ),
             cpu_cores=Gauge(p + "cpu_cores", "Process CPU use over the budget window, in cores.", registry=registry),
             thermal_celsius=Gauge(p + "thermal_celsius", "SoC temperature of budget.thermal_zone.", registry=registry),
             thermal_state=Gauge(
-                p + "thermal_state", "1 for the thermal budget's current state (ok, throttled, critical, unknown).",
-                ["state"], registry=registry,
+                p + "thermal_state",
+                "1 for the thermal budget's current state (ok, throttled, critical, unknown).",
+                ["state"],
+                registry=registry,
             ),
         )
         for reason in ("budget", "thermal"):
@@ -103,17 +131,22 @@ class AgentMetrics:
     budget: BudgetMetrics
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> "AgentMetrics":
+    def create(cls, registry: CollectorRegistry) -> AgentMetrics:
         p = "retrofit_"
         m = cls(
             registry=registry,
             stage_seconds=Histogram(
-                p + "stage_duration_seconds", "Time spent per frame in each pipeline stage.",
-                ["stage"], buckets=STAGE_BUCKETS, registry=registry,
+                p + "stage_duration_seconds",
+                "Time spent per frame in each pipeline stage.",
+                ["stage"],
+                buckets=STAGE_BUCKETS,
+                registry=registry,
             ),
             end_to_end_seconds=Histogram(
-                p + "end_to_end_latency_seconds", "Frame capture to tags published.",
-                buckets=STAGE_BUCKETS, registry=registry,
+                p + "end_to_end_latency_seconds",
+                "Frame capture to tags published.",
+                buckets=STAGE_BUCKETS,
+                registry=registry,
             ),
             frames_processed=Counter(p + "frames_processed", "Frames labelled and published.", registry=registry),
             frames_dropped=Counter(
@@ -131,7 +164,8 @@ class AgentMetrics:
                 registry=registry,
             ),
             frames_downscaled=Counter(
-                p + "frames_downscaled", "Frames larger than camera.max_width x max_height, downscaled at capture.",
+                p + "frames_downscaled",
+                "Frames larger than camera.max_width x max_height, downscaled at capture.",
                 registry=registry,
             ),
             camera_connected=Gauge(p + "camera_connected", "1 while the source is open.", registry=registry),
@@ -145,7 +179,8 @@ class AgentMetrics:
                 p + "messages_published", "Messages sent, by topic.", ["topic"], registry=registry
             ),
             last_frame_timestamp=Gauge(
-                p + "last_frame_timestamp_seconds", "Unix time the last processed frame was captured.",
+                p + "last_frame_timestamp_seconds",
+                "Unix time the last processed frame was captured.",
                 registry=registry,
             ),
             fps=Gauge(p + "fps", "Processed frames per second over the last few seconds.", registry=registry),
@@ -155,16 +190,24 @@ class AgentMetrics:
                 p + "captures_saved", "Frames saved to the capture store, by campaign.", ["campaign"], registry=registry
             ),
             captures_evicted=Counter(
-                p + "captures_evicted", "Saved frames evicted to stay under the store's caps, by campaign.",
-                ["campaign"], registry=registry,
+                p + "captures_evicted",
+                "Saved frames evicted to stay under the store's caps, by campaign.",
+                ["campaign"],
+                registry=registry,
             ),
             captures_skipped=Counter(
-                p + "captures_skipped", "Frames a campaign wanted but did not save, by campaign and reason.",
-                ["campaign", "reason"], registry=registry,
+                p + "captures_skipped",
+                "Frames a campaign wanted but did not save, by campaign and reason.",
+                ["campaign", "reason"],
+                registry=registry,
             ),
             store_bytes=Gauge(p + "store_bytes", "Bytes in the capture store.", registry=registry),
-            store_files=Gauge(p + "store_files", "Saved frames (image + sidecar pairs) in the store.", registry=registry),
-            reloads=Counter(p + "reloads", "SIGHUP reloads of bundle and config, by result.", ["result"], registry=registry),
+            store_files=Gauge(
+                p + "store_files", "Saved frames (image + sidecar pairs) in the store.", registry=registry
+            ),
+            reloads=Counter(
+                p + "reloads", "SIGHUP reloads of bundle and config, by result.", ["result"], registry=registry
+            ),
             budget=BudgetMetrics.create(registry),
         )
         for stage in STAGES:  # export every series from the first scrape

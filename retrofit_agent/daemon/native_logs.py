@@ -16,9 +16,11 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 import structlog
+
 
 def _library(line: str) -> str:
     if line.startswith("[ WARN") or line.startswith("[ERROR") or line.startswith("[ INFO"):

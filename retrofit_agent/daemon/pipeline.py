@@ -65,13 +65,24 @@ def build_pipeline(cfg: AgentConfig, log: structlog.typing.FilteringBoundLogger)
     choice = Tuner(m, bundle.root, cfg.model, by_cpu=cfg.budget.max_cpu is not None).choose()
     c = choice.candidate
     log.info(
-        "model_tuned", variant=c.variant, threads=c.threads, spinning=c.spinning, seconds=round(choice.seconds, 3),
-        trials=choice.describe(), skipped=choice.skipped, by="cpu" if cfg.budget.max_cpu is not None else "latency",
+        "model_tuned",
+        variant=c.variant,
+        threads=c.threads,
+        spinning=c.spinning,
+        seconds=round(choice.seconds, 3),
+        trials=choice.describe(),
+        skipped=choice.skipped,
+        by="cpu" if cfg.budget.max_cpu is not None else "latency",
     )
     log.info(
-        "model_loaded", model=m.model_id, architecture=m.model.architecture,
-        quantization=choice.spec.quantization.mode, teacher=m.embedding_space.teacher, labels=len(bundle.bank.labels),
+        "model_loaded",
+        model=m.model_id,
+        architecture=m.model.architecture,
+        quantization=choice.spec.quantization.mode,
+        teacher=m.embedding_space.teacher,
+        labels=len(bundle.bank.labels),
         seconds=round(time.monotonic() - t0, 3),
     )
-    return ModelPipeline(bundle=bundle, preprocess=Preprocessor(m.model.input), embedder=choice.embedder,
-                         labeler=labeler, choice=choice)
+    return ModelPipeline(
+        bundle=bundle, preprocess=Preprocessor(m.model.input), embedder=choice.embedder, labeler=labeler, choice=choice
+    )

@@ -10,14 +10,16 @@ from __future__ import annotations
 import zmq
 from pydantic import BaseModel
 
-from retrofit_agent.daemon.config import PublishConfig
 from retrofit_agent.contract.errors import PublishError
-from retrofit_agent.daemon.metrics import AgentMetrics
+from retrofit_agent.daemon.config import PublishConfig
 from retrofit_agent.daemon.curve import make_curve_server
+from retrofit_agent.daemon.metrics import AgentMetrics
 
 
 class Publisher:
-    def __init__(self, cfg: PublishConfig, metrics: AgentMetrics, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+    def __init__(
+        self, cfg: PublishConfig, metrics: AgentMetrics, context: zmq.Context[zmq.Socket[bytes]] | None = None
+    ) -> None:
         self._ctx = context or zmq.Context.instance()
         self._metrics = metrics
         self.socket = self._ctx.socket(zmq.PUB)
@@ -39,9 +41,7 @@ class Publisher:
     def send(self, topic: str, message: BaseModel) -> bool:
         """Send one message without blocking; a failure is counted, never raised."""
         try:
-            self.socket.send_multipart(
-                [topic.encode(), message.model_dump_json().encode()], flags=zmq.NOBLOCK
-            )
+            self.socket.send_multipart([topic.encode(), message.model_dump_json().encode()], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             self._metrics.publish_errors.inc()
             return False

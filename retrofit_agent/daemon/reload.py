@@ -12,8 +12,9 @@ same as the running ones keeps the running pipeline, so its tags do not go off a
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,14 +30,17 @@ log = structlog.get_logger("retrofit_agent.daemon.reload")
 @dataclass(frozen=True)
 class Reloaded:
     config: AgentConfig  # the running config with the reloadable parts of the new one
-    pipeline: "ModelPipeline"  # the new pipeline, or the running one when the model is unchanged
+    pipeline: ModelPipeline  # the new pipeline, or the running one when the model is unchanged
     model_changed: bool
 
 
 def merge(current: AgentConfig, new: AgentConfig, collecting: bool) -> tuple[AgentConfig, list[str]]:
     """The config a reload applies, and the changed settings it leaves for a restart."""
-    ignored = [s for s in ("camera", "publish", "metrics", "log", "limits", "max_frames")
-               if getattr(new, s) != getattr(current, s)]
+    ignored = [
+        s
+        for s in ("camera", "publish", "metrics", "log", "limits", "max_frames")
+        if getattr(new, s) != getattr(current, s)
+    ]
     if new.collect.store != current.collect.store:
         ignored.append("collect.store")
     campaigns = new.collect.campaigns
@@ -44,10 +48,13 @@ def merge(current: AgentConfig, new: AgentConfig, collecting: bool) -> tuple[Age
         # The collector (its store and writer thread) exists only if campaigns were configured at start-up.
         ignored.append("collect.campaigns")
         campaigns = current.collect.campaigns
-    merged = current.model_copy(update={
-        "model": new.model, "labels": new.labels,
-        "collect": current.collect.model_copy(update={"campaigns": campaigns}),
-    })
+    merged = current.model_copy(
+        update={
+            "model": new.model,
+            "labels": new.labels,
+            "collect": current.collect.model_copy(update={"campaigns": campaigns}),
+        }
+    )
     return merged, ignored
 
 
@@ -55,9 +62,9 @@ class Reloader:
     def __init__(
         self,
         current: AgentConfig,
-        pipeline: "ModelPipeline",
+        pipeline: ModelPipeline,
         load_config: Callable[[], AgentConfig],
-        build: Callable[[AgentConfig], "ModelPipeline"],
+        build: Callable[[AgentConfig], ModelPipeline],
         collecting: bool,
         on_result: Callable[[str], None] = lambda result: None,
     ) -> None:

@@ -80,8 +80,9 @@ class Summary:
             return out
         out.append(f"  {'group':14}{'label':24}{'top':>6}{'on':>6}   (frames the label was its group's best / a tag)")
         for group in sorted(set(self.top) | set(self.on)):
-            labels = sorted(set(self.top[group]) | set(self.on[group]),
-                            key=lambda l: (-self.top[group][l], -self.on[group][l], l))
+            labels = sorted(
+                set(self.top[group]) | set(self.on[group]), key=lambda l: (-self.top[group][l], -self.on[group][l], l)
+            )
             for i, label in enumerate(labels):
                 name = group if i == 0 else ""
                 out.append(f"  {name:14}{label:24}{self.top[group][label]:>6}{self.on[group][label]:>6}")
@@ -95,8 +96,10 @@ def legend(manifest: Manifest, bundle: Path) -> list[str]:
     if manifest.notice:
         out.append(f"  notice: {manifest.notice}")
     groups = manifest.bank.groups
-    out.append(f"labels ({sum(len(g.labels) for g in groups)} in {len(groups)} groups; a softmax within each group; "
-               "(bg) = background, never a tag):")
+    out.append(
+        f"labels ({sum(len(g.labels) for g in groups)} in {len(groups)} groups; a softmax within each group; "
+        "(bg) = background, never a tag):"
+    )
     for g in groups:
         names = ", ".join(f"{lab.name}{' (bg)' if lab.negative else ''}" for lab in g.labels)
         thresholds = sorted({lab.threshold for lab in g.labels})
@@ -153,8 +156,11 @@ def tail(opts: TailOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) 
                 code = 1
                 break
             if not shown and not noticed and now - start >= opts.quiet_notice_s:
-                _say(err, f"no messages from {opts.endpoint} in {opts.quiet_notice_s:g} s; is retrofit-agent running "
-                          "and publishing there? (still waiting)")
+                _say(
+                    err,
+                    f"no messages from {opts.endpoint} in {opts.quiet_notice_s:g} s; is retrofit-agent running "
+                    "and publishing there? (still waiting)",
+                )
                 noticed = True
             wait_s = 0.25 if deadline is None else min(0.25, deadline - now)
             if not sock.poll(max(1, int(wait_s * 1000))):
@@ -182,8 +188,10 @@ def tail(opts: TailOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) 
 
 def _timeout_reason(opts: TailOptions, shown: int) -> str:
     if not shown:
-        return (f"error: no messages from {opts.endpoint} in {opts.timeout_s:g} s (--timeout); "
-                "is retrofit-agent running and publishing there?")
+        return (
+            f"error: no messages from {opts.endpoint} in {opts.timeout_s:g} s (--timeout); "
+            "is retrofit-agent running and publishing there?"
+        )
     wanted = f" of --count {opts.count}" if opts.count is not None else ""
     return f"error: --timeout {opts.timeout_s:g} s reached after {shown}{wanted} messages"
 

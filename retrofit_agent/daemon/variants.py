@@ -56,8 +56,13 @@ class Trial:
 
     def describe(self) -> dict[str, Any]:
         c = self.candidate
-        return {"variant": c.variant, "threads": c.threads, "spinning": c.spinning,
-                "ms": round(self.wall_s * 1e3, 2), "cpu_ms": round(self.cpu_s * 1e3, 2)}
+        return {
+            "variant": c.variant,
+            "threads": c.threads,
+            "spinning": c.spinning,
+            "ms": round(self.wall_s * 1e3, 2),
+            "cpu_ms": round(self.cpu_s * 1e3, 2),
+        }
 
 
 @dataclass
@@ -76,13 +81,20 @@ class Choice:
 def record(choice: Choice, metrics: BudgetMetrics) -> None:
     """The choice and every trial's timing, on the metrics."""
     c = choice.candidate
-    metrics.variant.info({"variant": c.variant, "threads": str(c.threads), "spinning": str(c.spinning).lower(),
-                          "tuning_seconds": f"{choice.seconds:.3f}"})
+    metrics.variant.info(
+        {
+            "variant": c.variant,
+            "threads": str(c.threads),
+            "spinning": str(c.spinning).lower(),
+            "tuning_seconds": f"{choice.seconds:.3f}",
+        }
+    )
     metrics.variant_inference_seconds.clear()
     for t in choice.trials:
         tc = t.candidate
         metrics.variant_inference_seconds.labels(
-            variant=tc.variant, threads=str(tc.threads), spinning=str(tc.spinning).lower()).set(t.wall_s)
+            variant=tc.variant, threads=str(tc.threads), spinning=str(tc.spinning).lower()
+        ).set(t.wall_s)
 
 
 def usable_cores() -> int:
@@ -102,13 +114,22 @@ def thread_options(cores: int) -> list[int]:
 
 
 class Tuner:
-    def __init__(self, manifest: Manifest, root: Path, cfg: ModelConfig, by_cpu: bool = False,
-                 clock: Callable[[], float] = time.monotonic, cores: int | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        root: Path,
+        cfg: ModelConfig,
+        by_cpu: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        cores: int | None = None,
+    ) -> None:
         self.variants = manifest.model_variants()
         if cfg.variant is not None:
             if cfg.variant not in self.variants:
-                raise ConfigError(f"model.variant: bundle has no variant {cfg.variant!r} (it has "
-                                  f"{sorted(self.variants)}); unset it to pick the fastest")
+                raise ConfigError(
+                    f"model.variant: bundle has no variant {cfg.variant!r} (it has "
+                    f"{sorted(self.variants)}); unset it to pick the fastest"
+                )
             self.variants = {cfg.variant: self.variants[cfg.variant]}
         self.root = root
         self.cfg = cfg
@@ -139,8 +160,14 @@ class Tuner:
             self._try(Candidate(best.variant, best.threads, not best.spinning), margin=MARGIN)
         assert self._best is not None
         trial, embedder = self._best
-        return Choice(embedder, self.variants[trial.candidate.variant], trial.candidate, self.trials,
-                      self.clock() - self._t0, self.skipped)
+        return Choice(
+            embedder,
+            self.variants[trial.candidate.variant],
+            trial.candidate,
+            self.trials,
+            self.clock() - self._t0,
+            self.skipped,
+        )
 
     def _winner(self) -> Candidate:
         assert self._best is not None
@@ -199,8 +226,7 @@ class Tuner:
                 walls[c].append(time.perf_counter() - t)
                 cpus[c] += time.process_time() - cpu0
         for c, embedder, opening in opened:
-            trial = Trial(c, float(np.sort(walls[c])[len(walls[c]) // 4]), cpus[c] / RACE_RUNS,
-                          opening + sum(walls[c]))
+            trial = Trial(c, float(np.sort(walls[c])[len(walls[c]) // 4]), cpus[c] / RACE_RUNS, opening + sum(walls[c]))
             self.trials.append(trial)
             if self._best is None or self._score(trial) < self._score(self._best[0]):
                 self._best = (trial, embedder)

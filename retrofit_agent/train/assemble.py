@@ -15,7 +15,15 @@ import numpy as np
 import onnx
 
 from retrofit_agent.contract.bundle import (
-    BankSpec, EmbeddingSpace, InputSpec, Manifest, ModelSpec, OutputSpec, Quantization, VariantSpec, load_bundle,
+    BankSpec,
+    EmbeddingSpace,
+    InputSpec,
+    Manifest,
+    ModelSpec,
+    OutputSpec,
+    Quantization,
+    VariantSpec,
+    load_bundle,
     write_manifest,
 )
 from retrofit_agent.contract.errors import BundleError
@@ -29,8 +37,11 @@ BANK_FILE = "bank.npz"
 def read_metadata(model_path: Path) -> dict[str, str]:
     model = onnx.load(str(model_path), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
-    missing = [k for k in ("retrofit.input_spec", "retrofit.embedding_dim", "retrofit.teacher", "retrofit.fingerprint")
-               if k not in meta]
+    missing = [
+        k
+        for k in ("retrofit.input_spec", "retrofit.embedding_dim", "retrofit.teacher", "retrofit.fingerprint")
+        if k not in meta
+    ]
     if missing:
         raise BundleError(f"model {model_path}: ONNX metadata lacks {missing}; export it with retrofit-model export")
     meta["output_name"] = model.graph.output[0].name

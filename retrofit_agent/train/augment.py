@@ -56,18 +56,25 @@ class ViewParams:
         return int(self.color_on.shape[0])
 
     @classmethod
-    def identity(cls, n: int) -> "ViewParams":
+    def identity(cls, n: int) -> ViewParams:
         theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3).clone()
         off = torch.zeros(n, dtype=torch.bool)
         return cls(off, torch.ones(n, 3), off.clone(), theta)
 
     def pack(self) -> torch.Tensor:
         """(B, PARAMS) float32: what the teacher cache stores per view."""
-        return torch.cat([self.color_on.float()[:, None], self.color.float(), self.geometry_on.float()[:, None],
-                          self.theta.float().reshape(-1, 6)], dim=1)
+        return torch.cat(
+            [
+                self.color_on.float()[:, None],
+                self.color.float(),
+                self.geometry_on.float()[:, None],
+                self.theta.float().reshape(-1, 6),
+            ],
+            dim=1,
+        )
 
     @classmethod
-    def unpack(cls, packed: torch.Tensor) -> "ViewParams":
+    def unpack(cls, packed: torch.Tensor) -> ViewParams:
         p = packed.float().cpu()
         return cls(p[:, 0] > 0.5, p[:, 1:4], p[:, 4] > 0.5, p[:, 5:11].reshape(-1, 2, 3))
 
@@ -97,7 +104,9 @@ class Augmenter:
             return ViewParams.identity(n)
         c = self.cfg
         color_on, crop, rotate = (torch.rand(n, generator=gen) < p for p in (c.p_color, c.p_crop, c.p_rotate))
-        color = torch.stack([1 + (torch.rand(n, generator=gen) * 2 - 1) * s for s in (c.brightness, c.contrast, c.saturation)], 1)
+        color = torch.stack(
+            [1 + (torch.rand(n, generator=gen) * 2 - 1) * s for s in (c.brightness, c.contrast, c.saturation)], 1
+        )
         color = torch.where(color_on[:, None], color, torch.ones_like(color))
         # Crop: area fraction and aspect ratio (log-uniform in [3/4, 4/3]), placed inside.
         area = c.crop_scale[0] + torch.rand(n, generator=gen) * (c.crop_scale[1] - c.crop_scale[0])
@@ -105,7 +114,9 @@ class Augmenter:
         sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
         cx, cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx), (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
         keep = ~crop
-        sx, sy, cx, cy = (torch.where(keep, torch.full_like(v, d), v) for v, d in ((sx, 1.0), (sy, 1.0), (cx, 0.0), (cy, 0.0)))
+        sx, sy, cx, cy = (
+            torch.where(keep, torch.full_like(v, d), v) for v, d in ((sx, 1.0), (sy, 1.0), (cx, 0.0), (cy, 0.0))
+        )
         angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(c.max_rotation_deg)
         angle = torch.where(rotate, angle, torch.zeros_like(angle))
         cos, sin = angle.cos(), angle.sin()
@@ -124,7 +135,9 @@ class Augmenter:
 
     # ---- rendering
 
-    def apply(self, x: torch.Tensor, params: ViewParams, norm: Normalisation, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, x: torch.Tensor, params: ViewParams, norm: Normalisation, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Render views of a normalised (B, 3, H, W) batch; only drawn transforms touch an image."""
         x = x.clone()
         x = self._color(x, params, norm)

@@ -12,7 +12,9 @@ from retrofit_agent.contract.prompts import PromptSet
 from retrofit_agent.train.teacher import Teacher
 
 
-def encode_prompt_set(teacher: Teacher, prompts: PromptSet, batch_size: int = 256) -> tuple[np.ndarray, list[str], list[str]]:
+def encode_prompt_set(
+    teacher: Teacher, prompts: PromptSet, batch_size: int = 256
+) -> tuple[np.ndarray, list[str], list[str]]:
     rows, groups, labels = [], [], []
     for g in prompts.groups:
         for lab in g.labels:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,8 +41,14 @@ def export_teacher_image_tower(teacher: Teacher, path: Path) -> Path:
     torch.backends.mha.set_fastpath_enabled(False)
     with torch.no_grad():
         torch.onnx.export(
-            _ImageTower(teacher).eval(), (torch.zeros(1, 3, size, size),), str(path), input_names=["image"],
-            output_names=["embedding"], opset_version=17, dynamo=False, do_constant_folding=True,
+            _ImageTower(teacher).eval(),
+            (torch.zeros(1, 3, size, size),),
+            str(path),
+            input_names=["image"],
+            output_names=["embedding"],
+            opset_version=17,
+            dynamo=False,
+            do_constant_folding=True,
             external_data=True,
         )
     return path
@@ -103,7 +109,10 @@ PAPER = "paper: ~35 ms per 300x300 frame on the camera; ~25 MB student vs 1.2 GB
 
 
 def run_model_bench(
-    teacher_name: str, bundle_dir: Path, runs: int = 20, teacher_runs: int = 8,
+    teacher_name: str,
+    bundle_dir: Path,
+    runs: int = 20,
+    teacher_runs: int = 8,
     progress: Callable[[str], None] = print,
 ) -> list[BenchRow]:
     """Export the teacher's image tower (seeded: latency and size depend on the architecture,
@@ -123,12 +132,17 @@ def run_model_bench(
         tmp = Path(tmp)
         progress(f"exporting the student fp32 ({arch}, seeded: the same architecture as the bundle's)")
         torch.manual_seed(0)
-        student = Student(arch if arch != "unknown" else "efficientnet_b3",
-                          embed_dim=b.manifest.model.output.embedding_dim, input_size=h).eval()
+        student = Student(
+            arch if arch != "unknown" else "efficientnet_b3",
+            embed_dim=b.manifest.model.output.embedding_dim,
+            input_size=h,
+        ).eval()
         meta = onnx_metadata(student_input_spec(student), student.embed_dim, "bench", "0" * 16, "bench", arch)
         export_onnx(student, tmp / "student.fp32.onnx", meta)
         del student
-        progress(f"exporting the teacher image tower ({teacher_name}, seeded: latency and size depend on the architecture)")
+        progress(
+            f"exporting the teacher image tower ({teacher_name}, seeded: latency and size depend on the architecture)"
+        )
         teacher = Teacher(teacher_name, pretrained=None, seed=0)
         size = teacher.image_size
         export_teacher_image_tower(teacher, tmp / "teacher.onnx")
@@ -153,10 +167,14 @@ def print_report(rows: list[BenchRow], teacher_name: str) -> None:
     by = {(r.model, r.threads): r for r in rows}
     for t in sorted({r.threads for r in rows}):
         tch, f32, i8 = by[("teacher fp32", t)], by[("student fp32", t)], by[("student int8", t)]
-        print(f"{t} thread(s): student int8 {tch.p50_ms / i8.p50_ms:.1f}x faster than the {teacher_name} image tower "
-              f"(goal >= 20x); fp32/int8 latency ratio {f32.p50_ms / i8.p50_ms:.2f} (goal >= 1 at 1 thread)")
+        print(
+            f"{t} thread(s): student int8 {tch.p50_ms / i8.p50_ms:.1f}x faster than the {teacher_name} image tower "
+            f"(goal >= 20x); fp32/int8 latency ratio {f32.p50_ms / i8.p50_ms:.2f} (goal >= 1 at 1 thread)"
+        )
     t1 = min(r.threads for r in rows)
     i8, f32, tch = by[("student int8", t1)], by[("student fp32", t1)], by[("teacher fp32", t1)]
-    print(f"size: student int8 {i8.size_mb:.1f} MB (goal <= 15), fp32 {f32.size_mb:.1f} MB, teacher image tower "
-          f"{tch.size_mb:.0f} MB; int8/teacher {i8.size_mb / tch.size_mb:.3f}")
+    print(
+        f"size: student int8 {i8.size_mb:.1f} MB (goal <= 15), fp32 {f32.size_mb:.1f} MB, teacher image tower "
+        f"{tch.size_mb:.0f} MB; int8/teacher {i8.size_mb / tch.size_mb:.3f}"
+    )
     print(PAPER)

@@ -26,10 +26,12 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any
 
 import numpy as np
 import structlog
@@ -48,8 +50,17 @@ FORMAT = 2
 KEY_FILE, COMPLETE_FILE = "key.json", "complete.json"
 _ARRAYS = ("emb", "params", "valid", "tokens", "q", "k", "v")
 # Augmentation settings that shape what the teacher sees (masking is the student's alone).
-_SHARED_AUGMENT = ("enabled", "p_color", "p_crop", "p_rotate", "brightness", "contrast", "saturation", "crop_scale",
-                   "max_rotation_deg")
+_SHARED_AUGMENT = (
+    "enabled",
+    "p_color",
+    "p_crop",
+    "p_rotate",
+    "brightness",
+    "contrast",
+    "saturation",
+    "crop_scale",
+    "max_rotation_deg",
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,12 @@ class CacheSpec:
         if self.teacher_view == "clean":
             return {"teacher_view": "clean", "count": 1}
         aug = self.augment.model_dump(mode="json")
-        return {"teacher_view": "same", "count": self.views, "seed": self.seed,
-                "augment": {k: aug[k] for k in _SHARED_AUGMENT}}
+        return {
+            "teacher_view": "same",
+            "count": self.views,
+            "seed": self.seed,
+            "augment": {k: aug[k] for k in _SHARED_AUGMENT},
+        }
 
 
 def cache_key(teacher: Teacher, refs: Sequence[ImageRef], spec: CacheSpec) -> dict[str, Any]:
@@ -77,11 +92,17 @@ def cache_key(teacher: Teacher, refs: Sequence[ImageRef], spec: CacheSpec) -> di
     for r in refs:
         h.update(r.key.encode() + b"\n")
     return {
-        "format": FORMAT, "teacher": teacher.identity, "weights_sha256": teacher.weights_sha256(),
-        "input": teacher.input_spec().model_dump(mode="json"), "views": spec.view_key(),
-        "spatial": None if spec.layers is None else {"layers": list(spec.layers), "qkv": spec.qkv,
-                                                     "grid": list(teacher.grid_size)},
-        "shard_size": spec.shard_size, "images": len(refs), "images_sha256": h.hexdigest(),
+        "format": FORMAT,
+        "teacher": teacher.identity,
+        "weights_sha256": teacher.weights_sha256(),
+        "input": teacher.input_spec().model_dump(mode="json"),
+        "views": spec.view_key(),
+        "spatial": None
+        if spec.layers is None
+        else {"layers": list(spec.layers), "qkv": spec.qkv, "grid": list(teacher.grid_size)},
+        "shard_size": spec.shard_size,
+        "images": len(refs),
+        "images_sha256": h.hexdigest(),
     }
 
 
@@ -92,8 +113,10 @@ def key_sha256(key: dict[str, Any]) -> str:
 def _describe(key: dict[str, Any]) -> str:
     size = key.get("input", {}).get("height", "?")
     views = key.get("views", {})
-    return (f"{key.get('teacher', '?')} (weights {str(key.get('weights_sha256', '?'))[:12]}), {size} px, "
-            f"{views.get('count', '?')} {views.get('teacher_view', '?')} view(s), {key.get('images', '?')} images")
+    return (
+        f"{key.get('teacher', '?')} (weights {str(key.get('weights_sha256', '?'))[:12]}), {size} px, "
+        f"{views.get('count', '?')} {views.get('teacher_view', '?')} view(s), {key.get('images', '?')} images"
+    )
 
 
 def _path(root: Path, name: str, i: int) -> Path:
@@ -102,8 +125,15 @@ def _path(root: Path, name: str, i: int) -> Path:
 
 def _owned_files(root: Path) -> list[Path]:
     """Files a cache build writes (this format and the earlier one), nothing else."""
-    patterns = [KEY_FILE, COMPLETE_FILE, "meta.json", "shard-*.json", *(f"{a}-*.npy" for a in _ARRAYS), "*.npy.tmp",
-                "*.tmp"]
+    patterns = [
+        KEY_FILE,
+        COMPLETE_FILE,
+        "meta.json",
+        "shard-*.json",
+        *(f"{a}-*.npy" for a in _ARRAYS),
+        "*.npy.tmp",
+        "*.tmp",
+    ]
     return sorted({p for pat in patterns for p in root.glob(pat)})
 
 
@@ -146,9 +176,17 @@ class _Build:
     autocast: Callable[[], ContextManager]
 
 
-def build_cache(root: Path, teacher: Teacher, refs: Sequence[ImageRef], spec: CacheSpec, batch_size: int,
-                env: DistEnv = DistEnv(), workers: int = 0, on_mismatch: str = "refuse",
-                autocast: Callable[[], ContextManager] = nullcontext) -> dict:
+def build_cache(
+    root: Path,
+    teacher: Teacher,
+    refs: Sequence[ImageRef],
+    spec: CacheSpec,
+    batch_size: int,
+    env: DistEnv = DistEnv(),
+    workers: int = 0,
+    on_mismatch: str = "refuse",
+    autocast: Callable[[], ContextManager] = nullcontext,
+) -> dict:
     """Compute the missing shards (rank r builds shards r, r+world, ...). Returns timing.
 
     Collective under DDP: every rank checks the directory (so all refuse together), rank 0
@@ -182,7 +220,9 @@ def build_cache(root: Path, teacher: Teacher, refs: Sequence[ImageRef], spec: Ca
     if env.is_main:
         old = json.loads((root / COMPLETE_FILE).read_text()) if (root / COMPLETE_FILE).exists() else {}
         rate = images * spec.views / seconds if seconds > 0 else old.get("teacher_images_per_s")
-        _write_json_atomic(root / COMPLETE_FILE, {"key_sha256": job.key_hash, "shards": n_shards, "teacher_images_per_s": rate})
+        _write_json_atomic(
+            root / COMPLETE_FILE, {"key_sha256": job.key_hash, "shards": n_shards, "teacher_images_per_s": rate}
+        )
     barrier(env)
     return {"built_images": images, "seconds": seconds, "skipped": skipped}
 
@@ -218,7 +258,9 @@ def _build_shard(root: Path, i: int, ds: DistillDataset, indices: range, job: _B
     arrays["params"][:] = packed
     valid = np.zeros(n, dtype=bool)
     aug = Augmenter(spec.augment, t.mean, t.std)
-    loader = DataLoader(ds, batch_sampler=list(batched(indices, job.batch_size)), num_workers=job.workers, collate_fn=collate)
+    loader = DataLoader(
+        ds, batch_sampler=list(batched(indices, job.batch_size)), num_workers=job.workers, collate_fn=collate
+    )
     for batch in loader:
         for s in batch["skipped"]:
             skipped.append(s.key)
@@ -258,7 +300,9 @@ def _open_arrays(root: Path, i: int, n: int, job: _Build) -> dict[str, np.memmap
     """Shard arrays as memory maps on temporary files: token maps need not fit in memory."""
     t, spec, kv = job.teacher, job.spec, job.spec.views
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        "emb": ((n, kv, t.embed_dim), np.float16), "params": ((n, kv, PARAMS), np.float32), "valid": ((n,), np.bool_),
+        "emb": ((n, kv, t.embed_dim), np.float16),
+        "params": ((n, kv, PARAMS), np.float32),
+        "valid": ((n,), np.bool_),
     }
     if spec.layers is not None:
         tokens = t.grid_size[0] * t.grid_size[1]
@@ -269,7 +313,9 @@ def _open_arrays(root: Path, i: int, n: int, job: _Build) -> dict[str, np.memmap
                 shapes[name] = ((n, kv, len(spec.layers), heads, tokens, t.width // heads), np.float16)
     out = {}
     for name, (shape, dtype) in shapes.items():
-        out[name] = np.lib.format.open_memmap(_tmp(_path(root, name, i)), mode="w+", dtype=dtype, shape=shape)  # zero-filled
+        out[name] = np.lib.format.open_memmap(
+            _tmp(_path(root, name, i)), mode="w+", dtype=dtype, shape=shape
+        )  # zero-filled
     return out
 
 
@@ -300,7 +346,9 @@ class TeacherCache:
         self.arrays: list[dict[str, np.ndarray]] = []
         for i in range(int(done["shards"])):
             if not _shard_done(root, i, key_hash, names):
-                raise ConfigError(f"teacher cache {root}: shard {i} is missing or was not built for this key; run again to rebuild it")
+                raise ConfigError(
+                    f"teacher cache {root}: shard {i} is missing or was not built for this key; run again to rebuild it"
+                )
             self.arrays.append({a: np.load(_path(root, a, i), mmap_mode="r") for a in names})
 
     def lookup(self, index: torch.Tensor, view: torch.Tensor, device: torch.device) -> CachedTargets:
@@ -316,7 +364,12 @@ class TeacherCache:
         first = self.arrays[0] if self.arrays else {}
         if "tokens" not in first:
             return CachedTargets(views, emb, ok)
-        data = {name: torch.from_numpy(rows(name).astype(np.float32)).to(device)  # (B, layers, ...)
-                for name in ("tokens", "q", "k", "v") if name in first}
-        layers = tuple(LayerFeatures(**{name: d[:, j] for name, d in data.items()}) for j in range(data["tokens"].shape[1]))
+        data = {
+            name: torch.from_numpy(rows(name).astype(np.float32)).to(device)  # (B, layers, ...)
+            for name in ("tokens", "q", "k", "v")
+            if name in first
+        }
+        layers = tuple(
+            LayerFeatures(**{name: d[:, j] for name, d in data.items()}) for j in range(data["tokens"].shape[1])
+        )
         return CachedTargets(views, TeacherFeatures(embedding=emb, layers=layers, grid=self.grid), ok)

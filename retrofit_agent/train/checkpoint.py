@@ -106,21 +106,27 @@ class RunState:
     images_per_s: list[float] = field(default_factory=list)
 
 
-def training_state(models: "Models", optim: "Optimisers", run: RunState, env: DistEnv, config: dict) -> dict[str, Any]:
+def training_state(models: Models, optim: Optimisers, run: RunState, env: DistEnv, config: dict) -> dict[str, Any]:
     """Everything an exact resume needs (rank 0's copy; RNG streams are saved per rank)."""
     return {
-        "step": run.step, "world": env.world, "config": config,
-        "student": models.student.state_dict(), "projectors": models.loss.state_dict(),
+        "step": run.step,
+        "world": env.world,
+        "config": config,
+        "student": models.student.state_dict(),
+        "projectors": models.loss.state_dict(),
         "discriminator": models.disc.state_dict() if models.disc else None,
-        "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
+        "optimizer": optim.optimizer.state_dict(),
+        "scheduler": optim.scheduler.state_dict(),
         "scaler": optim.scaler.state_dict(),
         "disc_optimizer": optim.disc_optimizer.state_dict() if optim.disc_optimizer else None,
-        "skipped": sorted(run.skipped), "initial_eval": run.initial_eval,
-        "teacher": models.teacher.identity, "fingerprint": models.teacher.fingerprint(),
+        "skipped": sorted(run.skipped),
+        "initial_eval": run.initial_eval,
+        "teacher": models.teacher.identity,
+        "fingerprint": models.teacher.fingerprint(),
     }
 
 
-def restore_training(path: Path, models: "Models", optim: "Optimisers", run: RunState, env: DistEnv) -> bool:
+def restore_training(path: Path, models: Models, optim: Optimisers, run: RunState, env: DistEnv) -> bool:
     """Load a checkpoint into the run; True when this rank's RNG streams were restored too (exact resume)."""
     state, rng = load_checkpoint(path, env)
     if state["fingerprint"] != models.teacher.fingerprint():

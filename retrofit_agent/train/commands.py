@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import structlog
 
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
@@ -94,14 +93,20 @@ def load_student(path: Path):
             reason = "not a weights-only PyTorch file"
         else:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--checkpoint: cannot load {path} ({reason}); is it a student.pt from a distill run?") from None
+        raise ConfigError(
+            f"--checkpoint: cannot load {path} ({reason}); is it a student.pt from a distill run?"
+        ) from None
     if not isinstance(saved, dict):
         raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
     arch, state = saved.get("architecture"), saved.get("student")
     if not isinstance(arch, dict) or not isinstance(state, dict):
         raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
-    student = Student(arch["backbone"], embed_dim=int(arch["embed_dim"]), hidden_dim=int(arch["hidden_dim"]),
-                      input_size=int(arch["input_size"]))
+    student = Student(
+        arch["backbone"],
+        embed_dim=int(arch["embed_dim"]),
+        hidden_dim=int(arch["hidden_dim"]),
+        input_size=int(arch["input_size"]),
+    )
     student.load_state_dict({k: v for k, v in state.items() if k.startswith(("backbone.", "head."))})
     return student.eval(), saved
 
@@ -112,8 +117,11 @@ def _pretrained(tag: str | None) -> str | None:
 
 def _teacher_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="ViT-L-14", help="open_clip model name (default: %(default)s)")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip tag (downloaded once), local checkpoint path, or none (default: %(default)s)")
+    p.add_argument(
+        "--pretrained",
+        default="openai",
+        help="open_clip tag (downloaded once), local checkpoint path, or none (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, help="seeded random teacher (tests only; with --pretrained none)")
 
 
@@ -185,7 +193,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     spec = student_input_spec(student)
     meta = onnx_metadata(spec, student.embed_dim, teacher, fingerprint, a.version, f"{student.backbone_name}+mlp")
     # Trained only when distilled (steps > 0) from a pretrained teacher: a seeded teacher teaches nothing.
-    meta["retrofit.trained"] = str(bool(saved.get("trained_from_pretrained_teacher")) and saved.get("steps", 0) > 0).lower()
+    meta["retrofit.trained"] = str(
+        bool(saved.get("trained_from_pretrained_teacher")) and saved.get("steps", 0) > 0
+    ).lower()
     _stage("export", "writing ONNX and running onnx.checker", out=str(a.out))
     export_onnx(student, a.out, meta)
     _stage("export", "parity check torch vs onnxruntime", images=str(a.images))
@@ -240,19 +250,36 @@ def add_quantize(sub) -> None:
     p.add_argument("--fp32", type=existing_file, required=True, help="ONNX model from 'export'")
     p.add_argument("--calibration", type=existing_dir, required=True, help="folder of calibration images")
     p.add_argument("--count", type=positive_int, default=256, help="calibration images to use (default: %(default)s)")
-    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="calibration method (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        choices=("minmax", "entropy", "percentile"),
+        default="minmax",
+        help="calibration method (default: %(default)s)",
+    )
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
-    p.add_argument("--exclude", type=lambda s: [x for x in s.split(",") if x], default=[],
-                   help="keep in float: comma list of first_conv, se, head and/or node-name regexes")
+    p.add_argument(
+        "--exclude",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="keep in float: comma list of first_conv, se, head and/or node-name regexes",
+    )
     p.add_argument("--held-out", type=existing_dir, required=True, help="folder of held-out images for the gate")
-    p.add_argument("--held-out-count", type=positive_int, default=200,
-                   help="held-out images to compare (default: %(default)s)")
+    p.add_argument(
+        "--held-out-count", type=positive_int, default=200, help="held-out images to compare (default: %(default)s)"
+    )
     p.add_argument("--bank", type=existing_file, required=True, help="prompt bank for the zero-shot agreement")
-    p.add_argument("--min-cosine", type=float, default=0.98,
-                   help="gate: least mean int8↔fp32 embedding cosine (default: %(default)s)")
-    p.add_argument("--min-agreement", type=float, default=0.95,
-                   help="gate: least zero-shot top-1 agreement int8 vs fp32 (default: %(default)s)")
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=0.98,
+        help="gate: least mean int8↔fp32 embedding cosine (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.95,
+        help="gate: least zero-shot top-1 agreement int8 vs fp32 (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="write the model even below the gate's thresholds")
     p.add_argument("--ort", action="store_true", help="also write the .ort format for minimal onnxruntime builds")
     p.add_argument("--out", type=Path, required=True, help="int8 ONNX file to write, e.g. build/student.int8.onnx")
@@ -277,8 +304,9 @@ def cmd_prompts(a: argparse.Namespace) -> int:
 
 def add_prompts(sub) -> None:
     p = sub.add_parser("prompts", help="prompts file → text-embedding bank with the teacher's text tower")
-    p.add_argument("--prompts", type=existing_file, required=True,
-                   help="prompts file (TOML), e.g. models/prompts/automotive.toml")
+    p.add_argument(
+        "--prompts", type=existing_file, required=True, help="prompts file (TOML), e.g. models/prompts/automotive.toml"
+    )
     _teacher_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="bank file to write (.npz)")
     p.set_defaults(func=cmd_prompts)
@@ -297,8 +325,18 @@ def cmd_bundle(a: argparse.Namespace) -> int:
     if a.variants:
         variants = _bundle_variants(a, quant)
         quant = variants[0].quantization
-    assemble_bundle(a.out, a.model, a.bank, prompts, name=a.name, version=a.version,
-                    trained=False if a.untrained else None, notice=a.notice, quantization=quant, variants=variants)
+    assemble_bundle(
+        a.out,
+        a.model,
+        a.bank,
+        prompts,
+        name=a.name,
+        version=a.version,
+        trained=False if a.untrained else None,
+        notice=a.notice,
+        quantization=quant,
+        variants=variants,
+    )
     print(f"bundle {a.out} verified")
     return 0
 
@@ -317,8 +355,11 @@ def _bundle_variants(a: argparse.Namespace, int8_quant):
         raise ConfigError("--variants needs --fp32 (the float model from 'export'): the gate compares with it")
     meta = _onnx_metadata(a.fp32, "--fp32")
     pre = Preprocessor(InputSpec.model_validate(json.loads(meta["retrofit.input_spec"])))
-    held = pre.batch(_images(a.held_out, a.held_out_count, "--held-out") if a.held_out
-                     else read_clip_frames(a.held_out_clip, limit=a.held_out_count))
+    held = pre.batch(
+        _images(a.held_out, a.held_out_count, "--held-out")
+        if a.held_out
+        else read_clip_frames(a.held_out_clip, limit=a.held_out_count)
+    )
     models = {n: a.fp32 if n == "fp32" else a.model for n in names}
     quants = {"int8": int8_quant, "fp32": Quantization(mode="none")}
     specs = var.build_variants(a.out, models, quants, held, load_bank(a.bank), (a.min_cosine, a.min_agreement))
@@ -334,25 +375,45 @@ def add_bundle(sub) -> None:
     p.add_argument("--prompts", type=existing_file, required=True, help="the prompts file the bank was built from")
     p.add_argument("--name", required=True, help="bundle name, e.g. clip4retrofit-b3")
     p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
-    p.add_argument("--quantization", choices=("int8_static_qdq", "none"), default="int8_static_qdq",
-                   help="how the model was quantized, for the manifest (default: %(default)s)")
+    p.add_argument(
+        "--quantization",
+        choices=("int8_static_qdq", "none"),
+        default="int8_static_qdq",
+        help="how the model was quantized, for the manifest (default: %(default)s)",
+    )
     p.add_argument("--calibration-note", default=None, help="how the model was calibrated (for the manifest)")
-    p.add_argument("--untrained", action="store_true",
-                   help="mark the weights as not trained (default: what the exporter recorded)")
+    p.add_argument(
+        "--untrained", action="store_true", help="mark the weights as not trained (default: what the exporter recorded)"
+    )
     p.add_argument("--notice", default="", help="caveats for the manifest, logged by the daemon at start-up")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--variants", default=None,
-                   help="encoders to carry, e.g. int8,fp32 (the first is the default; the daemon times them at "
-                        "start-up); --model is the int8 one, --fp32 the float one")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="encoders to carry, e.g. int8,fp32 (the first is the default; the daemon times them at "
+        "start-up); --model is the int8 one, --fp32 the float one",
+    )
     p.add_argument("--fp32", type=existing_file, default=None, help="the float model from 'export' (with --variants)")
-    p.add_argument("--held-out", type=existing_dir, default=None,
-                   help="folder of held-out images for the variants' gate (default: --held-out-clip)")
-    p.add_argument("--held-out-clip", type=existing_file, default=Path("models/sample/drive.mp4"),
-                   help="video whose frames the gate compares on, without --held-out (default: %(default)s)")
+    p.add_argument(
+        "--held-out",
+        type=existing_dir,
+        default=None,
+        help="folder of held-out images for the variants' gate (default: --held-out-clip)",
+    )
+    p.add_argument(
+        "--held-out-clip",
+        type=existing_file,
+        default=Path("models/sample/drive.mp4"),
+        help="video whose frames the gate compares on, without --held-out (default: %(default)s)",
+    )
     p.add_argument("--held-out-count", type=positive_int, default=64, help="held-out images (default: %(default)s)")
     p.add_argument("--min-cosine", type=float, default=0.98, help="gate: mean cosine with fp32 (default: %(default)s)")
-    p.add_argument("--min-agreement", type=float, default=0.95,
-                   help="gate: zero-shot top-1 agreement with fp32 (default: %(default)s)")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.95,
+        help="gate: zero-shot top-1 agreement with fp32 (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_bundle)
 
 
@@ -370,16 +431,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     bundle = load_bundle(a.bundle)
     teacher = load_teacher(a.teacher, a.pretrained, a.seed)
     if teacher.fingerprint() != bundle.manifest.embedding_space.fingerprint:
-        raise ConfigError(f"--teacher {teacher.identity} is not the teacher of {a.bundle} "
-                          f"({bundle.manifest.embedding_space.teacher})")
+        raise ConfigError(
+            f"--teacher {teacher.identity} is not the teacher of {a.bundle} ({bundle.manifest.embedding_space.teacher})"
+        )
     tpre = _teacher_preprocess(teacher)
 
     def teacher_encode(frames):
         with torch.no_grad():
             return teacher.encode_image(torch.from_numpy(tpre.batch(frames)).to(teacher.device)).cpu().numpy()
 
-    encoders = {"teacher": teacher_encode,
-                "student_int8": ev.onnx_encoder(bundle.model_path)}
+    encoders = {"teacher": teacher_encode, "student_int8": ev.onnx_encoder(bundle.model_path)}
     if a.fp32:
         encoders["student_fp32"] = ev.onnx_encoder(a.fp32)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -399,8 +460,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         text = teacher.encode_text([template.format(c) for c in classes]).cpu().numpy()
         emb = {m: ev.encode_paths([Path(r["image"]) for r in index], enc) for m, enc in encoders.items()}
         rows = ev.evaluate_multi_label(emb, text, labels, classes)
-        (a.out / "multi_label.json").write_text(json.dumps(
-            {m: {"mean_auroc": ev.mean_auroc(r), "classes": [vars(x) for x in r]} for m, r in rows.items()}, indent=2))
+        (a.out / "multi_label.json").write_text(
+            json.dumps(
+                {m: {"mean_auroc": ev.mean_auroc(r), "classes": [vars(x) for x in r]} for m, r in rows.items()},
+                indent=2,
+            )
+        )
         table = ev.auroc_table(rows)
         (a.out / "multi_label.txt").write_text(table + "\n")
         ev.auroc_chart(rows, a.out / "auroc.png")
@@ -413,8 +478,17 @@ def _teacher_preprocess(teacher):
     from retrofit_agent.contract.bundle import InputSpec
     from retrofit_agent.contract.preprocess import Preprocessor
 
-    return Preprocessor(InputSpec(name="image", height=teacher.image_size, width=teacher.image_size,
-                                  mean=teacher.mean, std=teacher.std, resize="center_crop", interpolation="cubic"))
+    return Preprocessor(
+        InputSpec(
+            name="image",
+            height=teacher.image_size,
+            width=teacher.image_size,
+            mean=teacher.mean,
+            std=teacher.std,
+            resize="center_crop",
+            interpolation="cubic",
+        )
+    )
 
 
 def add_evaluate(sub) -> None:
@@ -445,8 +519,12 @@ def add_cityscapes(sub) -> None:
     p = sub.add_parser("cityscapes-index", help="Cityscapes gtFine labelIds → multi-label image index")
     p.add_argument("--root", type=existing_dir, required=True, help="Cityscapes root (with gtFine/ and leftImg8bit/)")
     p.add_argument("--split", default="val", help="train, val or test (default: %(default)s)")
-    p.add_argument("--min-pixels", type=positive_int, default=1,
-                   help="a class counts as present from this many pixels (default: %(default)s)")
+    p.add_argument(
+        "--min-pixels",
+        type=positive_int,
+        default=1,
+        help="a class counts as present from this many pixels (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, required=True, help="JSON-lines index to write")
     p.set_defaults(func=cmd_cityscapes)
 
@@ -474,12 +552,22 @@ def _known_teacher(name: str) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency and size: teacher image tower vs student fp32 vs int8")
-    p.add_argument("--teacher", default="ViT-L-14", help="open_clip model whose image tower is timed (default: %(default)s)")
-    p.add_argument("--bundle", type=existing_dir, default=Path("models/reference"),
-                   help="bundle whose int8 model is timed (default: %(default)s)")
+    p.add_argument(
+        "--teacher", default="ViT-L-14", help="open_clip model whose image tower is timed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bundle",
+        type=existing_dir,
+        default=Path("models/reference"),
+        help="bundle whose int8 model is timed (default: %(default)s)",
+    )
     p.add_argument("--runs", type=positive_int, default=20, help="timed runs per student model (default: %(default)s)")
-    p.add_argument("--teacher-runs", type=positive_int, default=8,
-                   help="timed runs of the teacher's image tower (default: %(default)s)")
+    p.add_argument(
+        "--teacher-runs",
+        type=positive_int,
+        default=8,
+        help="timed runs of the teacher's image tower (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_bench)
 
 

@@ -16,9 +16,9 @@ import itertools
 import os
 import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -53,7 +53,11 @@ def expand_pattern(pattern: str) -> list[str]:
     if m:
         lo, hi = m.group(1), m.group(2)
         width = len(lo)
-        return [p for i in range(int(lo), int(hi) + 1) for p in expand_pattern(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])]
+        return [
+            p
+            for i in range(int(lo), int(hi) + 1)
+            for p in expand_pattern(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
+        ]
     if any(ch in pattern for ch in "*?["):
         return sorted(glob.glob(pattern, recursive=True))
     return [pattern]
@@ -196,7 +200,9 @@ class EpochBatchSampler(Sampler[list[int]]):
     ``start`` skips batches already trained on when resuming mid-epoch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0
+    ) -> None:
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.rank, self.world, self.start = rank, world, start
 

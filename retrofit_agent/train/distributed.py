@@ -83,4 +83,3 @@ def sync_buffers(env: DistEnv, module: torch.nn.Module) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b, src=0)
-

@@ -15,9 +15,9 @@ The metric functions are plain numpy; only scoring images with the teacher needs
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -27,9 +27,25 @@ from retrofit_agent.contract.images import find_images
 # Cityscapes label ids → names, for the 19 classes used in evaluation (ignoreInEval False),
 # from cityscapesScripts' labels.py.
 CITYSCAPES_EVAL = {
-    7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole", 19: "traffic light",
-    20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person", 25: "rider", 26: "car",
-    27: "truck", 28: "bus", 31: "train", 32: "motorcycle", 33: "bicycle",
+    7: "road",
+    8: "sidewalk",
+    11: "building",
+    12: "wall",
+    13: "fence",
+    17: "pole",
+    19: "traffic light",
+    20: "traffic sign",
+    21: "vegetation",
+    22: "terrain",
+    23: "sky",
+    24: "person",
+    25: "rider",
+    26: "car",
+    27: "truck",
+    28: "bus",
+    31: "train",
+    32: "motorcycle",
+    33: "bicycle",
 }
 
 
@@ -96,7 +112,9 @@ def cityscapes_index(root: Path, split: str = "val", min_pixels: int = 1) -> lis
         if ids is None:
             raise ValueError(f"cannot read {label_path}")
         values, counts = np.unique(ids, return_counts=True)
-        present = [CITYSCAPES_EVAL[int(v)] for v, c in zip(values, counts) if int(v) in CITYSCAPES_EVAL and c >= min_pixels]
+        present = [
+            CITYSCAPES_EVAL[int(v)] for v, c in zip(values, counts) if int(v) in CITYSCAPES_EVAL and c >= min_pixels
+        ]
         stem = label_path.name[: -len("_gtFine_labelIds.png")]
         image = root / "leftImg8bit" / split / label_path.parent.name / f"{stem}_leftImg8bit.png"
         out.append({"image": str(image), "labels": sorted(present, key=list(CITYSCAPES_EVAL.values()).index)})
@@ -129,8 +147,10 @@ def auroc_table(results: dict[str, list[ClassAuroc]]) -> str:
     first = results[models[0]]
     lines = [f"{'class':<16}{'pos':>6}{'neg':>6}" + "".join(f"{m:>14}" for m in models)]
     for i, row in enumerate(first):
-        lines.append(f"{row.name:<16}{row.positives:>6}{row.negatives:>6}" + "".join(
-            f"{results[m][i].auroc:>14.3f}" for m in models))
+        lines.append(
+            f"{row.name:<16}{row.positives:>6}{row.negatives:>6}"
+            + "".join(f"{results[m][i].auroc:>14.3f}" for m in models)
+        )
     lines.append(f"{'mean':<28}" + "".join(f"{mean_auroc(results[m]):>14.3f}" for m in models))
     return "\n".join(lines)
 
@@ -213,13 +233,13 @@ def evaluate_single_label(embeddings: dict[str, np.ndarray], class_text: np.ndar
     for m in names:
         row = {"top1": topk_accuracy(logits[m], targets, 1), "top5": topk_accuracy(logits[m], targets, 5)}
         if m != teacher:
-            row["top1_agreement_with_teacher"] = float(
-                (logits[m].argmax(1) == logits[teacher].argmax(1)).mean())
+            row["top1_agreement_with_teacher"] = float((logits[m].argmax(1) == logits[teacher].argmax(1)).mean())
             row["mean_cosine_to_teacher"] = float((embeddings[m] * embeddings[teacher]).sum(1).mean())
         out["models"][m] = row
     return out
 
 
-def evaluate_multi_label(embeddings: dict[str, np.ndarray], class_text: np.ndarray, labels: np.ndarray,
-                         names: list[str]) -> dict[str, list[ClassAuroc]]:
+def evaluate_multi_label(
+    embeddings: dict[str, np.ndarray], class_text: np.ndarray, labels: np.ndarray, names: list[str]
+) -> dict[str, list[ClassAuroc]]:
     return {m: per_class_auroc(e @ class_text.T, labels, names) for m, e in embeddings.items()}

@@ -22,8 +22,16 @@ OPSET = 17
 def student_input_spec(student: Student) -> InputSpec:
     h, w = student.input_size
     return InputSpec(
-        name=INPUT_NAME, height=h, width=w, layout="NCHW", dtype="float32", color="RGB",
-        mean=student.mean, std=student.std, resize="stretch", interpolation="area",
+        name=INPUT_NAME,
+        height=h,
+        width=w,
+        layout="NCHW",
+        dtype="float32",
+        color="RGB",
+        mean=student.mean,
+        std=student.std,
+        resize="stretch",
+        interpolation="area",
     )
 
 
@@ -35,9 +43,15 @@ def export_onnx(student: Student, path: Path, metadata: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
-            student, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            student,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
         )
     model = onnx.load(str(path))
     del model.metadata_props[:]

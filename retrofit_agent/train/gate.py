@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from retrofit_agent.contract.bundle import TextBank
-from retrofit_agent.contract.errors import RetrofitError
 from retrofit_agent.contract.embedder import Embedder
+from retrofit_agent.contract.errors import RetrofitError
 
 
 class QualityGateError(RetrofitError):
@@ -30,8 +30,10 @@ class GateReport:
     passed: bool
 
     def line(self) -> str:
-        return (f"int8 vs fp32 on {self.images} held-out images: mean cosine {self.mean_cosine:.4f} "
-                f"(min {self.min_cosine:.4f}), zero-shot top-1 agreement {self.top1_agreement:.1%}")
+        return (
+            f"int8 vs fp32 on {self.images} held-out images: mean cosine {self.mean_cosine:.4f} "
+            f"(min {self.min_cosine:.4f}), zero-shot top-1 agreement {self.top1_agreement:.1%}"
+        )
 
 
 def group_top1(emb: np.ndarray, bank: TextBank) -> np.ndarray:
@@ -46,8 +48,12 @@ def group_top1(emb: np.ndarray, bank: TextBank) -> np.ndarray:
 
 
 def compare(
-    fp32: Path, int8: Path, x: np.ndarray, bank: TextBank,
-    min_cosine: float = 0.98, min_agreement: float = 0.95,
+    fp32: Path,
+    int8: Path,
+    x: np.ndarray,
+    bank: TextBank,
+    min_cosine: float = 0.98,
+    min_agreement: float = 0.95,
 ) -> GateReport:
     """Both models through the daemon's own Embedder (session options, manifest checks)."""
     a, b = Embedder.from_onnx(fp32).embed_many(x), Embedder.from_onnx(int8).embed_many(x)

@@ -9,7 +9,7 @@ softmaxes within groups)?
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,8 +29,11 @@ def embedding_metrics(s: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
     # plain cosine look good for a constant; the centred one is 0 for any constant.
     m = t.mean(0)
     centred = nn.functional.cosine_similarity(s - m, t - m, dim=-1).mean()
-    return {"heldout_cosine": float((s * t).sum(-1).mean()), "heldout_cosine_constant_baseline": float((t @ mean_dir).mean()),
-            "heldout_centred_cosine": float(centred)}
+    return {
+        "heldout_cosine": float((s * t).sum(-1).mean()),
+        "heldout_cosine_constant_baseline": float((t @ mean_dir).mean()),
+        "heldout_centred_cosine": float(centred),
+    }
 
 
 def agreement_metrics(s: torch.Tensor, t: torch.Tensor, bank: ZeroShotBank) -> dict[str, float]:
@@ -42,8 +45,10 @@ def agreement_metrics(s: torch.Tensor, t: torch.Tensor, bank: ZeroShotBank) -> d
     t_top = group_argmax(bank.logits(t, 1.0), bank.groups)  # (N, G)
     s_top = group_argmax(bank.logits(s, 1.0), bank.groups)
     constant = torch.stack([torch.bincount(t_top[:, g]).max() for g in range(t_top.shape[1])]).float() / len(t_top)
-    return {"heldout_top1_agreement": float((s_top == t_top).float().mean()),
-            "heldout_top1_constant_baseline": float(constant.mean())}
+    return {
+        "heldout_top1_agreement": float((s_top == t_top).float().mean()),
+        "heldout_top1_constant_baseline": float(constant.mean()),
+    }
 
 
 class HeldOut:
@@ -54,8 +59,9 @@ class HeldOut:
         self._teacher_memo: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
-    def evaluate(self, student: Student, bank: ZeroShotBank | None, on_batch: Callable[[dict], None] = lambda b: None
-                 ) -> dict[str, float]:
+    def evaluate(
+        self, student: Student, bank: ZeroShotBank | None, on_batch: Callable[[dict], None] = lambda b: None
+    ) -> dict[str, float]:
         """Clean views; ``on_batch`` sees each collated batch (the loop counts skipped images)."""
         if len(self.val_set) == 0:
             return {}

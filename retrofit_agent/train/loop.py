@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import structlog
 import torch
@@ -29,7 +30,14 @@ from retrofit_agent.train.export import student_input_spec
 from retrofit_agent.train.heldout import HeldOut
 from retrofit_agent.train.projectors import discriminator_loss, ramp
 from retrofit_agent.train.setup import (
-    build_data, build_models, build_optim, prepare_cache, resolve_device, resolve_precision, student_norm, teacher_side,
+    build_data,
+    build_models,
+    build_optim,
+    prepare_cache,
+    resolve_device,
+    resolve_precision,
+    student_norm,
+    teacher_side,
 )
 from retrofit_agent.train.targets import StepViews, ViewTargets
 
@@ -53,8 +61,14 @@ class Distiller:
         if cfg.cache.enabled:
             self.cache, skipped = prepare_cache(cfg, env, m.teacher, self.data.train_refs, self.precision)
             self.state.skipped.update(skipped)  # logged by the cache builder already
-        self.views = ViewTargets(cfg.augment, cfg.run.seed, env.rank, student_norm(m.student),
-                                 teacher_side(cfg, m.teacher, self.precision), self.cache)
+        self.views = ViewTargets(
+            cfg.augment,
+            cfg.run.seed,
+            env.rank,
+            student_norm(m.student),
+            teacher_side(cfg, m.teacher, self.precision),
+            self.cache,
+        )
         self.optim = build_optim(cfg.optim, cfg.discriminator, m, self.data.total_steps, self.precision, self.device)
         self.heldout = HeldOut(self.data.val_set, m.teacher, cfg.data.batch_size, self.precision)
 
@@ -92,7 +106,9 @@ class Distiller:
 
     def save(self) -> Path:
         state = training_state(self.models, self.optim, self.state, self.env, self.cfg.model_dump(mode="json"))
-        return save_checkpoint(self.out / "checkpoints", self.state.step, state, self.env, self.cfg.run.keep_checkpoints)
+        return save_checkpoint(
+            self.out / "checkpoints", self.state.step, state, self.env, self.cfg.run.keep_checkpoints
+        )
 
     def resume(self) -> bool:
         path = find_resume(self.cfg.run.resume, self.out / "checkpoints")
@@ -178,8 +194,13 @@ class Distiller:
             self.state.initial_eval = self.evaluate()
             self._write_metrics({"step": self.state.step, "kind": "eval", **self.state.initial_eval})
         barrier(self.env)
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not (self.cfg.run.progress and self.env.is_main),
-                   desc="distill", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            disable=not (self.cfg.run.progress and self.env.is_main),
+            desc="distill",
+            dynamic_ncols=True,
+        )
         t_last, images = time.monotonic(), 0
         stop = min(self.total_steps, until_step or self.total_steps)
         for batch in self._batches():
@@ -215,9 +236,15 @@ class Distiller:
         metrics = mean_across(self.env, metrics, self.device)
         if self.env.is_main:
             self.state.images_per_s.append(rate)
-            line = {"step": self.state.step, "kind": "train", "epoch": round(self.state.step / self.steps_per_epoch, 4),
-                    "lr": self.optim.scheduler.get_last_lr()[0], "images_per_s": round(rate, 2),
-                    "skipped_images": len(self.state.skipped), **metrics}
+            line = {
+                "step": self.state.step,
+                "kind": "train",
+                "epoch": round(self.state.step / self.steps_per_epoch, 4),
+                "lr": self.optim.scheduler.get_last_lr()[0],
+                "images_per_s": round(rate, 2),
+                "skipped_images": len(self.state.skipped),
+                **metrics,
+            }
             self._write_metrics(line)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", img_s=f"{rate:.1f}")
         return now, 0
@@ -236,14 +263,21 @@ class Distiller:
         barrier(self.env)
         rates = self.state.images_per_s[1:] or self.state.images_per_s  # the first window includes start-up
         summary = {
-            "steps": self.state.step, "out_dir": str(self.out), "initial": self.state.initial_eval,
-            "final": self.state.last_eval, "skipped_images": len(self.state.skipped),
+            "steps": self.state.step,
+            "out_dir": str(self.out),
+            "initial": self.state.initial_eval,
+            "final": self.state.last_eval,
+            "skipped_images": len(self.state.skipped),
             "images_per_s": sum(rates) / len(rates) if rates else None,
         }
         if self.cache is not None and self.cache.teacher_images_per_s and summary["images_per_s"]:
             s, t = summary["images_per_s"], self.cache.teacher_images_per_s
-            summary["cache_speedup"] = {"student_images_per_s": s, "teacher_images_per_s": t,
-                                        "estimated_uncached_images_per_s": 1 / (1 / s + 1 / t), "speedup": s * (1 / s + 1 / t)}
+            summary["cache_speedup"] = {
+                "student_images_per_s": s,
+                "teacher_images_per_s": t,
+                "estimated_uncached_images_per_s": 1 / (1 / s + 1 / t),
+                "speedup": s * (1 / s + 1 / t),
+            }
         log.info("distill_finished", **{k: v for k, v in summary.items() if k != "cache_speedup"})
         return summary
 
@@ -253,10 +287,16 @@ class Distiller:
         Only tensors and plain values, so it loads with ``torch.load(weights_only=True)``.
         """
         path = self.out / STUDENT_FILE
-        torch.save({
-            "student": self.student.state_dict(), "architecture": self.student.describe(),
-            "input_spec": student_input_spec(self.student).model_dump(mode="json"),
-            "teacher": self.teacher.identity, "fingerprint": self.teacher.fingerprint(),
-            "trained_from_pretrained_teacher": self.cfg.teacher.pretrained is not None, "steps": self.state.step,
-        }, path)
+        torch.save(
+            {
+                "student": self.student.state_dict(),
+                "architecture": self.student.describe(),
+                "input_spec": student_input_spec(self.student).model_dump(mode="json"),
+                "teacher": self.teacher.identity,
+                "fingerprint": self.teacher.fingerprint(),
+                "trained_from_pretrained_teacher": self.cfg.teacher.pretrained is not None,
+                "steps": self.state.step,
+            },
+            path,
+        )
         return path

@@ -35,7 +35,9 @@ def embedding_weight(cfg: LossConfig) -> float:
     return cfg.embed_cosine + 2 * cfg.embed_l2
 
 
-def grouped_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def grouped_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
     """KL(teacher ‖ student) of the per-group softmaxes: mean over groups, then over rows."""
     with fp32(student_logits.device):
         ls, lt = group_log_softmax(student_logits, groups), group_log_softmax(teacher_logits, groups)
@@ -90,7 +92,9 @@ class SpatialShape:
 class DistillLoss(nn.Module):
     """All loss parts for one batch; owns the training-only projectors (never exported)."""
 
-    def __init__(self, loss: LossConfig, projectors: ProjectorConfig, spatial: SpatialShape | None, logit_scale: float) -> None:
+    def __init__(
+        self, loss: LossConfig, projectors: ProjectorConfig, spatial: SpatialShape | None, logit_scale: float
+    ) -> None:
         super().__init__()
         self.w = loss
         self.logit_scale = 1 / loss.affinity_temperature if loss.affinity_temperature else logit_scale
@@ -99,13 +103,29 @@ class DistillLoss(nn.Module):
             raise ValueError("PCA/GL losses need the spatial shape of student and teacher")
         self.grid = spatial.grid if spatial is not None else (1, 1)
         n = spatial.layers if spatial is not None else 0
-        self.pca = nn.ModuleList(
-            PCAProjector(spatial.student_channels, spatial.teacher_width, spatial.teacher_heads, p.pca_substitute_p,
-                         p.pca_granularity, p.pca_form) for _ in range(n)
-        ) if pca_on else None
-        self.gl = nn.ModuleList(
-            GLProjector(spatial.student_channels, spatial.teacher_width, spatial.grid, p.gl_group, p.gl_dropout) for _ in range(n)
-        ) if loss.gl > 0 else None
+        self.pca = (
+            nn.ModuleList(
+                PCAProjector(
+                    spatial.student_channels,
+                    spatial.teacher_width,
+                    spatial.teacher_heads,
+                    p.pca_substitute_p,
+                    p.pca_granularity,
+                    p.pca_form,
+                )
+                for _ in range(n)
+            )
+            if pca_on
+            else None
+        )
+        self.gl = (
+            nn.ModuleList(
+                GLProjector(spatial.student_channels, spatial.teacher_width, spatial.grid, p.gl_group, p.gl_dropout)
+                for _ in range(n)
+            )
+            if loss.gl > 0
+            else None
+        )
 
     @property
     def needs_features(self) -> bool:
@@ -116,8 +136,12 @@ class DistillLoss(nn.Module):
         return sum(m.last_substitution_rate for m in self.pca) / len(self.pca) if self.pca else 0.0
 
     def forward(
-        self, student: StudentOutput, teacher: TeacherFeatures | torch.Tensor, bank: ZeroShotBank | None,
-        disc: nn.Module | None = None, adversarial_weight: float = 0.0,
+        self,
+        student: StudentOutput,
+        teacher: TeacherFeatures | torch.Tensor,
+        bank: ZeroShotBank | None,
+        disc: nn.Module | None = None,
+        adversarial_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         t_emb = teacher.embedding if isinstance(teacher, TeacherFeatures) else teacher
         s_emb = student.embedding
@@ -136,15 +160,22 @@ class DistillLoss(nn.Module):
         parts["total"] = sum(weights[k] * v for k, v in parts.items())
         return parts
 
-    def _feature_parts(self, student: StudentOutput, teacher: TeacherFeatures | torch.Tensor,
-                       parts: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
+    def _feature_parts(
+        self,
+        student: StudentOutput,
+        teacher: TeacherFeatures | torch.Tensor,
+        parts: dict[str, torch.Tensor],
+        weights: dict[str, float],
+    ) -> None:
         """PCA and GL per teacher block, each averaged over the blocks."""
         if not isinstance(teacher, TeacherFeatures) or student.feature_map is None:
             raise ValueError("PCA/GL losses need the teacher's tokens and the student's feature map")
         fmap = student.feature_map
         if self.pca is not None:
-            per_layer = [pca(fmap, *(teacher.patch(t) for t in (lf.q, lf.k, lf.v)), self.grid)
-                         for pca, lf in zip(self.pca, teacher.layers)]
+            per_layer = [
+                pca(fmap, *(teacher.patch(t) for t in (lf.q, lf.k, lf.v)), self.grid)
+                for pca, lf in zip(self.pca, teacher.layers)
+            ]
             for name in ("pca_attention", "pca_value"):
                 parts[name] = sum(d[name] for d in per_layer) / len(per_layer)
             weights.update(pca_attention=self.w.pca_attention, pca_value=self.w.pca_value)

@@ -73,8 +73,14 @@ def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def pca_losses(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor,
-    form: str = "paper", student_v: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    form: str = "paper",
+    student_v: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The PCA projector's two terms; both are zero when the student's Q, K, V equal the teacher's.
 
@@ -115,8 +121,15 @@ class PCAProjector(nn.Module):
     ``form`` picks the loss terms (:func:`pca_losses`).
     """
 
-    def __init__(self, in_channels: int, width: int, heads: int, substitute_p: float = 0.5, granularity: str = "element",
-                 form: str = "paper") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        heads: int,
+        substitute_p: float = 0.5,
+        granularity: str = "element",
+        form: str = "paper",
+    ) -> None:
         super().__init__()
         self.heads, self.substitute_p, self.granularity, self.form = heads, substitute_p, granularity, form
         self.qkv = nn.ModuleList(nn.Conv2d(in_channels, width, 3, padding=1) for _ in range(3))
@@ -159,7 +172,9 @@ class GLProjector(nn.Module):
     Grids that ``group`` does not divide get smaller groups at the right and bottom edges.
     """
 
-    def __init__(self, in_channels: int, width: int, grid: tuple[int, int], group: int = 4, dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_channels: int, width: int, grid: tuple[int, int], group: int = 4, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.grid, self.group = grid, group
         self.gh, self.gw = math.ceil(grid[0] / group), math.ceil(grid[1] / group)
@@ -187,7 +202,10 @@ class Discriminator(nn.Module):
     def __init__(self, dim: int, hidden_dim: int = 512) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.2),
+            nn.Linear(dim, hidden_dim),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LeakyReLU(0.2),
             nn.Linear(hidden_dim, 1),
         )
 

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import (
-    CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -72,10 +76,15 @@ def quantize_int8(
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
         excluded = nodes_matching(prepped, settings.exclude)
         quantize_static(
-            str(prepped), str(out_path), _Batches(input_name, calib),
-            quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=_METHODS[settings.method], nodes_to_exclude=excluded or None,
+            str(prepped),
+            str(out_path),
+            _Batches(input_name, calib),
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=_METHODS[settings.method],
+            nodes_to_exclude=excluded or None,
             extra_options={"CalibMovingAverage": False},
         )
     _mark_quantized(out_path)

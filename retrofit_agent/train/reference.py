@@ -21,13 +21,13 @@ import torch
 
 from retrofit_agent import __version__
 from retrofit_agent.contract.bundle import Quantization, load_bank
-from retrofit_agent.train.gate import compare, enforce
 from retrofit_agent.contract.preprocess import Preprocessor
 from retrofit_agent.contract.prompts import load_prompts
 from retrofit_agent.contract.sample import read_clip_frames
 from retrofit_agent.train.assemble import BANK_FILE, MODEL_FILE, assemble_bundle
 from retrofit_agent.train.bank import write_bank
 from retrofit_agent.train.export import INPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec
+from retrofit_agent.train.gate import compare, enforce
 from retrofit_agent.train.quantize import QuantSettings, quantize_int8
 from retrofit_agent.train.student import Student
 from retrofit_agent.train.teacher import Teacher
@@ -42,7 +42,9 @@ NOTICE = (
 )
 
 
-def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, backbone: str = "efficientnet_b3") -> dict:
+def build_reference(
+    out: Path, prompts_file: Path, clip: Path, seed: int = 0, backbone: str = "efficientnet_b3"
+) -> dict:
     torch.use_deterministic_algorithms(True)
     teacher = Teacher(TEACHER_NAME, pretrained=None, seed=seed)
     torch.manual_seed(seed)
@@ -70,14 +72,27 @@ def build_reference(out: Path, prompts_file: Path, clip: Path, seed: int = 0, ba
         write_bank(out / BANK_FILE, teacher, prompts)
         gate = compare(fp32, out / MODEL_FILE, pre.batch(held_out), load_bank(out / BANK_FILE))
         enforce(gate, 0.98, 0.95, force=False)
-        report.update(int8_vs_fp32_mean_cosine=gate.mean_cosine, int8_vs_fp32_min_cosine=gate.min_cosine,
-                      int8_vs_fp32_top1_agreement=gate.top1_agreement)
+        report.update(
+            int8_vs_fp32_mean_cosine=gate.mean_cosine,
+            int8_vs_fp32_min_cosine=gate.min_cosine,
+            int8_vs_fp32_top1_agreement=gate.top1_agreement,
+        )
     quantization = Quantization(
-        mode="int8_static_qdq", per_channel=settings.per_channel,
+        mode="int8_static_qdq",
+        per_channel=settings.per_channel,
         calibration=f"{settings.describe(len(calib))} from the sample clip",
     )
-    assemble_bundle(out, out / MODEL_FILE, out / BANK_FILE, prompts, name="retrofit-reference-untrained",
-                    version=version, trained=False, notice=NOTICE, quantization=quantization)
+    assemble_bundle(
+        out,
+        out / MODEL_FILE,
+        out / BANK_FILE,
+        prompts,
+        name="retrofit-reference-untrained",
+        version=version,
+        trained=False,
+        notice=NOTICE,
+        quantization=quantization,
+    )
     report["model_bytes"] = (out / MODEL_FILE).stat().st_size
     return report
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import structlog
 import torch
@@ -79,8 +80,9 @@ class Trainable(nn.Module):
         super().__init__()
         self.student, self.loss, self.feature_index = student, loss, feature_index
 
-    def forward(self, x: torch.Tensor, target: Any, bank: ZeroShotBank | None, disc: nn.Module | None,
-                adv_weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, target: Any, bank: ZeroShotBank | None, disc: nn.Module | None, adv_weight: float
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(loss parts, student embeddings) for one batch of views."""
         if self.loss.needs_features:
             out = StudentOutput(*self.student.forward_with_features(x, self.feature_index))
@@ -116,15 +118,26 @@ def build_models(cfg: DistillConfig, env: DistEnv, device: torch.device) -> Mode
     teacher = load_teacher(cfg, device)
     torch.manual_seed(c.run.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     try:
-        student = Student(c.student.backbone, teacher.embed_dim, c.student.hidden_dim, c.student.pretrained,
-                          c.student.drop_rate, c.student.input_size)
+        student = Student(
+            c.student.backbone,
+            teacher.embed_dim,
+            c.student.hidden_dim,
+            c.student.pretrained,
+            c.student.drop_rate,
+            c.student.input_size,
+        )
     except (RuntimeError, OSError, ValueError) as e:
         raise ConfigError(f"student: cannot create timm model {c.student.backbone!r}: {e}") from None
     student.set_grad_checkpointing(c.student.grad_checkpointing)
     spatial = None
     if c.loss.needs_teacher_tokens:
-        spatial = SpatialShape(student.feature_channels(c.student.feature_index), teacher.width, teacher.num_heads,
-                               teacher.grid_size, len(c.teacher.layers))
+        spatial = SpatialShape(
+            student.feature_channels(c.student.feature_index),
+            teacher.width,
+            teacher.num_heads,
+            teacher.grid_size,
+            len(c.teacher.layers),
+        )
     loss = DistillLoss(c.loss, c.projectors, spatial, teacher.logit_scale)
     trainable = Trainable(student, loss, c.student.feature_index).to(device)
     disc = Discriminator(teacher.embed_dim, c.discriminator.hidden_dim).to(device) if c.loss.adversarial > 0 else None
@@ -195,53 +208,86 @@ def split_data(cfg: DistillConfig, env: DistEnv) -> tuple[list[ImageRef], list[I
     return train, val, steps, total
 
 
-def build_data(cfg: DistillConfig, env: DistEnv, device: torch.device, student: Student, teacher: Teacher,
-               live_teacher: bool) -> Data:
+def build_data(
+    cfg: DistillConfig, env: DistEnv, device: torch.device, student: Student, teacher: Teacher, live_teacher: bool
+) -> Data:
     """Loaders for the split; the training batches carry the teacher's view only when it runs live."""
     c = cfg
     train, val, steps, total = split_data(cfg, env)
     student_spec = student_input_spec(student)
     sampler = EpochBatchSampler(len(train), c.data.batch_size, c.run.seed, 0, env.rank, env.world)
     loader = DataLoader(
-        DistillDataset(train, student_spec, teacher.input_spec() if live_teacher else None), batch_sampler=sampler,
-        num_workers=c.data.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        DistillDataset(train, student_spec, teacher.input_spec() if live_teacher else None),
+        batch_sampler=sampler,
+        num_workers=c.data.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
         persistent_workers=c.data.workers > 0,
         # Its own generator: by default each new iterator draws a worker seed from the
         # global RNG, which would shift dropout/substitution draws after a resume.
         generator=torch.Generator().manual_seed(c.run.seed + env.rank),
     )
     val_set = DistillDataset(val, student_spec, teacher.input_spec())
-    log.info("data_ready", train_images=len(train), heldout_images=len(val), steps_per_epoch=steps, total_steps=total,
-             rank=env.rank)
+    log.info(
+        "data_ready",
+        train_images=len(train),
+        heldout_images=len(val),
+        steps_per_epoch=steps,
+        total_steps=total,
+        rank=env.rank,
+    )
     return Data(train, val, steps, total, sampler, loader, val_set)
 
 
 def teacher_side(cfg: DistillConfig, teacher: Teacher, precision: Precision) -> TeacherSide:
     spatial = cfg.loss.needs_teacher_tokens
-    return TeacherSide(teacher, cfg.teacher.layers if spatial else None,
-                       spatial and (cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0),
-                       lambda: precision.autocast(teacher.device))
+    return TeacherSide(
+        teacher,
+        cfg.teacher.layers if spatial else None,
+        spatial and (cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0),
+        lambda: precision.autocast(teacher.device),
+    )
 
 
 def cache_spec(cfg: DistillConfig) -> CacheSpec:
     spatial = cfg.loss.needs_teacher_tokens
     return CacheSpec(
-        views=cfg.cache.views, seed=cfg.cache.seed, teacher_view=cfg.augment.teacher_view, augment=cfg.augment,
-        layers=cfg.teacher.layers if spatial else None, qkv=spatial and (cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0),
+        views=cfg.cache.views,
+        seed=cfg.cache.seed,
+        teacher_view=cfg.augment.teacher_view,
+        augment=cfg.augment,
+        layers=cfg.teacher.layers if spatial else None,
+        qkv=spatial and (cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0),
         shard_size=cfg.cache.shard_size,
     )
 
 
-def prepare_cache(cfg: DistillConfig, env: DistEnv, teacher: Teacher, train: list[ImageRef],
-                  precision: Precision) -> tuple[TeacherCache, list[str]]:
+def prepare_cache(
+    cfg: DistillConfig, env: DistEnv, teacher: Teacher, train: list[ImageRef], precision: Precision
+) -> tuple[TeacherCache, list[str]]:
     """Build what is missing, then open it. Returns the cache and the images it skipped."""
     t0 = time.monotonic()
     spec = cache_spec(cfg)
-    stats = build_cache(cfg.cache_dir, teacher, train, spec, cfg.cache.batch_size, env, cfg.data.workers,
-                        cfg.cache.on_mismatch, lambda: precision.autocast(teacher.device))
+    stats = build_cache(
+        cfg.cache_dir,
+        teacher,
+        train,
+        spec,
+        cfg.cache.batch_size,
+        env,
+        cfg.data.workers,
+        cfg.cache.on_mismatch,
+        lambda: precision.autocast(teacher.device),
+    )
     cache = TeacherCache(cfg.cache_dir, cache_key(teacher, train, spec), teacher.grid_size)
-    log.info("teacher_cache_ready", dir=str(cfg.cache_dir), built_images=stats["built_images"], views=spec.views,
-             seconds=round(time.monotonic() - t0, 2), teacher_images_per_s=cache.teacher_images_per_s)
+    log.info(
+        "teacher_cache_ready",
+        dir=str(cfg.cache_dir),
+        built_images=stats["built_images"],
+        views=spec.views,
+        seconds=round(time.monotonic() - t0, 2),
+        teacher_images_per_s=cache.teacher_images_per_s,
+    )
     return cache, stats["skipped"]
 
 
@@ -288,12 +334,21 @@ class Optimisers:
     disc_optimizer: torch.optim.Optimizer | None
 
 
-def build_optim(optim: OptimConfig, discriminator: DiscriminatorConfig, models: Models, total_steps: int,
-                precision: Precision, device: torch.device) -> Optimisers:
+def build_optim(
+    optim: OptimConfig,
+    discriminator: DiscriminatorConfig,
+    models: Models,
+    total_steps: int,
+    precision: Precision,
+    device: torch.device,
+) -> Optimisers:
     opt = torch.optim.AdamW(param_groups(models.trainable, optim.weight_decay), lr=optim.lr, betas=optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(optim.warmup_steps, total_steps, optim.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     # The discriminator keeps AdamW's default decay (0.01), with the same exemptions.
-    disc_opt = (torch.optim.AdamW(param_groups(models.disc, 0.01), lr=discriminator.lr, betas=(0.5, 0.999))
-                if models.disc is not None else None)
+    disc_opt = (
+        torch.optim.AdamW(param_groups(models.disc, 0.01), lr=discriminator.lr, betas=(0.5, 0.999))
+        if models.disc is not None
+        else None
+    )
     return Optimisers(opt, sched, scaler, disc_opt)

@@ -76,6 +76,8 @@ class Student(nn.Module):
     def describe(self) -> dict:
         """What export needs to rebuild this student from a state dict."""
         return {
-            "backbone": self.backbone_name, "embed_dim": self.embed_dim, "hidden_dim": self.head.net[0].out_features,
+            "backbone": self.backbone_name,
+            "embed_dim": self.embed_dim,
+            "hidden_dim": self.head.net[0].out_features,
             "input_size": self.input_size[0],
         }

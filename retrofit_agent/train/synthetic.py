@@ -37,7 +37,9 @@ def scene(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
-def write_images(out: Path, count: int, seed: int = 0, size: tuple[int, int] = (72, 96), ext: str = ".png") -> list[Path]:
+def write_images(
+    out: Path, count: int, seed: int = 0, size: tuple[int, int] = (72, 96), ext: str = ".png"
+) -> list[Path]:
     """Write ``count`` scenes of varying aspect (height x width around ``size``) to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -12,8 +12,10 @@ per image instead of drawing a new one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +34,9 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(map_tensors(fn, v) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: map_tensors(fn, getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj, **{f.name: map_tensors(fn, getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        )
     return obj
 
 
@@ -56,8 +60,15 @@ class TeacherSide:
 class ViewTargets:
     """``views(batch, step)`` → :class:`StepViews` (the teacher live, or replayed from the cache)."""
 
-    def __init__(self, cfg: AugmentConfig, seed: int, rank: int, student_norm: Normalisation, teacher: TeacherSide,
-                 cache: TeacherCache | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        seed: int,
+        rank: int,
+        student_norm: Normalisation,
+        teacher: TeacherSide,
+        cache: TeacherCache | None = None,
+    ) -> None:
         self.cfg, self.seed, self.rank, self.cache = cfg, seed, rank, cache
         self.student_norm, self.side = student_norm, teacher
         self.teacher_norm = Normalisation(teacher.teacher.mean, teacher.teacher.std)
@@ -92,8 +103,9 @@ class ViewTargets:
                 return s.teacher.forward_features(x, s.layers, qkv=s.qkv)
             return s.teacher.encode_image(x)
 
-    def _replayed(self, cache: TeacherCache, x: torch.Tensor, index: torch.Tensor, gen: torch.Generator,
-                  device: torch.device) -> StepViews:
+    def _replayed(
+        self, cache: TeacherCache, x: torch.Tensor, index: torch.Tensor, gen: torch.Generator, device: torch.device
+    ) -> StepViews:
         stored = torch.randint(cache.views, (len(index),), generator=gen)
         c = cache.lookup(index, stored, device)
         # With the clean teacher view the cache holds one clean view; the student's view is drawn afresh.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import open_clip
 import torch
@@ -66,7 +66,7 @@ class Teacher(nn.Module):
         self.std: tuple[float, float, float] = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
         self._weights_sha256: str | None = None
 
-    def train(self, mode: bool = True) -> "Teacher":  # the teacher never trains
+    def train(self, mode: bool = True) -> Teacher:  # the teacher never trains
         return super().train(False)
 
     @property
@@ -78,8 +78,10 @@ class Teacher(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if self.model.text_projection is not None else int(
-            self.model.visual.output_dim
+        return (
+            int(self.model.text_projection.shape[1])
+            if self.model.text_projection is not None
+            else int(self.model.visual.output_dim)
         )
 
     @property
@@ -131,8 +133,16 @@ class Teacher(nn.Module):
         and the 300 px student view show the same content (only the sampling differs).
         """
         return InputSpec(
-            name="teacher", height=self.image_size, width=self.image_size, layout="NCHW", dtype="float32",
-            color="RGB", mean=self.mean, std=self.std, resize="stretch", interpolation="area",
+            name="teacher",
+            height=self.image_size,
+            width=self.image_size,
+            layout="NCHW",
+            dtype="float32",
+            color="RGB",
+            mean=self.mean,
+            std=self.std,
+            resize="stretch",
+            interpolation="area",
         )
 
     @property
@@ -159,8 +169,10 @@ class Teacher(nn.Module):
                 "(set loss.pca_attention, loss.pca_value and loss.gl to 0 to use the embedding and affinity losses only)"
             )
         if not hasattr(transformer, "batch_first"):
-            raise ConfigError(f"teacher {self.model_name!r}: its transformer does not say whether it runs batch-first; "
-                              "upgrade open_clip_torch")
+            raise ConfigError(
+                f"teacher {self.model_name!r}: its transformer does not say whether it runs batch-first; "
+                "upgrade open_clip_torch"
+            )
         return blocks
 
     def check_spatial(self, layers: Sequence[int], need_qk: bool) -> None:
@@ -181,7 +193,8 @@ class Teacher(nn.Module):
             if getattr(attn, "in_proj_weight", None) is None:
                 reason = "has no packed in-projection (separate Q/K/V weights)"
             elif not isinstance(getattr(attn, "ln_q", nn.Identity()), nn.Identity) or not isinstance(
-                    getattr(attn, "ln_k", nn.Identity()), nn.Identity):
+                getattr(attn, "ln_k", nn.Identity()), nn.Identity
+            ):
                 reason = "uses QK-norm"
             elif getattr(attn, "logit_scale", None) is not None:
                 reason = "uses scaled cosine attention"
@@ -192,7 +205,9 @@ class Teacher(nn.Module):
                 )
 
     @torch.no_grad()
-    def forward_features(self, images: torch.Tensor, layers: int | Sequence[int] = -1, qkv: bool = True) -> "TeacherFeatures":
+    def forward_features(
+        self, images: torch.Tensor, layers: int | Sequence[int] = -1, qkv: bool = True
+    ) -> TeacherFeatures:
         """Embedding plus, for each block in ``layers``, its patch tokens and per-head Q/K/V, through forward hooks.
 
         open_clip calls ``nn.MultiheadAttention`` with ``need_weights=False``, so the
@@ -207,7 +222,9 @@ class Teacher(nn.Module):
         hooks = []
         for i, layer in enumerate(layers):
             block = blocks[layer]
-            hooks.append(block.ln_1.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("attn_in", i), out)))
+            hooks.append(
+                block.ln_1.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("attn_in", i), out))
+            )
             hooks.append(block.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("tokens", i), out)))
         try:
             embedding = nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
@@ -223,8 +240,12 @@ class Teacher(nn.Module):
             q = k = v = None
             if qkv:
                 attn = blocks[layer].attn
-                q, k, v = (_heads(t, attn.num_heads) for t in
-                           nn.functional.linear(attn_in, attn.in_proj_weight, attn.in_proj_bias).float().chunk(3, dim=-1))
+                q, k, v = (
+                    _heads(t, attn.num_heads)
+                    for t in nn.functional.linear(attn_in, attn.in_proj_weight, attn.in_proj_bias)
+                    .float()
+                    .chunk(3, dim=-1)
+                )
             out.append(LayerFeatures(tokens=tokens.float(), q=q, k=k, v=v))
         return TeacherFeatures(embedding=embedding, layers=tuple(out), grid=self.grid_size)
 

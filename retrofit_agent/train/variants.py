@@ -39,8 +39,12 @@ def variant_file(name: str) -> str:
 
 
 def build_variants(
-    out: Path, models: dict[str, Path], quantization: dict[str, Quantization], held_out: np.ndarray,
-    bank: TextBank, gate: tuple[float, float] = (0.98, 0.95),
+    out: Path,
+    models: dict[str, Path],
+    quantization: dict[str, Quantization],
+    held_out: np.ndarray,
+    bank: TextBank,
+    gate: tuple[float, float] = (0.98, 0.95),
 ) -> list[VariantSpec]:
     """Copy each model into ``out`` and gate it against fp32; in the order given (the first is the default)."""
     if "fp32" not in models:
@@ -56,10 +60,17 @@ def build_variants(
         else:
             report = compare(models["fp32"], dst, held_out, bank, *gate)
             enforce(report, *gate, force=False)
-            agreement = Agreement(mean_cosine=min(1.0, report.mean_cosine), min_cosine=min(1.0, report.min_cosine),
-                                  top1_agreement=report.top1_agreement, images=report.images)
-        specs.append(VariantSpec(name=name, file=dst.name, quantization=quantization[name], agreement=agreement,
-                                 bytes=dst.stat().st_size))
+            agreement = Agreement(
+                mean_cosine=min(1.0, report.mean_cosine),
+                min_cosine=min(1.0, report.min_cosine),
+                top1_agreement=report.top1_agreement,
+                images=report.images,
+            )
+        specs.append(
+            VariantSpec(
+                name=name, file=dst.name, quantization=quantization[name], agreement=agreement, bytes=dst.stat().st_size
+            )
+        )
     return specs
 
 
@@ -69,6 +80,8 @@ def size_lines(specs: list[VariantSpec]) -> list[str]:
     for v in specs:
         goal = SIZE_GOALS.get(v.name)
         verdict = "" if goal is None else f" (goal <= {goal / MB:.0f} MB: {'met' if v.bytes <= goal else 'NOT met'})"
-        lines.append(f"variant {v.name}: {v.file} {v.bytes / MB:.1f} MB{verdict}, agreement with fp32 "
-                     f"cosine {v.agreement.mean_cosine:.4f}, top-1 {v.agreement.top1_agreement:.1%}")
+        lines.append(
+            f"variant {v.name}: {v.file} {v.bytes / MB:.1f} MB{verdict}, agreement with fp32 "
+            f"cosine {v.agreement.mean_cosine:.4f}, top-1 {v.agreement.top1_agreement:.1%}"
+        )
     return lines

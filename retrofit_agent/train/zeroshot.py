@@ -8,8 +8,8 @@ measure what the camera reports; a test holds the two definitions equal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -34,17 +34,17 @@ class ZeroShotBank:
     keys: tuple[str, ...]  # 'group.label' per row
 
     @classmethod
-    def build(cls, embeddings: torch.Tensor, group_names: Sequence[str], labels: Sequence[str]) -> "ZeroShotBank":
+    def build(cls, embeddings: torch.Tensor, group_names: Sequence[str], labels: Sequence[str]) -> ZeroShotBank:
         dev = embeddings.device
         groups = tuple(torch.from_numpy(idx).to(dev) for idx in group_index(group_names))
         return cls(embeddings.detach().float(), groups, tuple(f"{g}.{l}" for g, l in zip(group_names, labels)))
 
-    def flat(self) -> "ZeroShotBank":
+    def flat(self) -> ZeroShotBank:
         """The same rows as one group: one softmax over every label (the earlier recipe)."""
         everything = torch.arange(len(self.keys), device=self.embeddings.device)
         return ZeroShotBank(self.embeddings, (everything,), self.keys)
 
-    def to(self, device: torch.device) -> "ZeroShotBank":
+    def to(self, device: torch.device) -> ZeroShotBank:
         return ZeroShotBank(self.embeddings.to(device), tuple(g.to(device) for g in self.groups), self.keys)
 
     def logits(self, embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:

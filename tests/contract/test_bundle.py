@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrofit_agent.contract.bundle import load_bank, load_bundle, save_bank, sha256_file, write_manifest, read_manifest
+from retrofit_agent.contract.bundle import load_bank, load_bundle, read_manifest, save_bank, sha256_file, write_manifest
 from retrofit_agent.contract.errors import BundleError
 
 
@@ -58,8 +58,11 @@ def test_manifest_path_escape_is_refused(bundle_copy: Path):
 def _rewrite_bank(bundle: Path, **overrides) -> None:
     bank = load_bank(bundle / "bank.npz")
     args = dict(
-        embeddings=bank.embeddings, groups=list(bank.groups), labels=list(bank.labels),
-        teacher=bank.teacher, fingerprint=bank.fingerprint,
+        embeddings=bank.embeddings,
+        groups=list(bank.groups),
+        labels=list(bank.labels),
+        teacher=bank.teacher,
+        fingerprint=bank.fingerprint,
     )
     args.update(overrides)
     save_bank(bundle / "bank.npz", **args)
@@ -82,8 +85,14 @@ def test_bank_with_wrong_dimension_is_refused(bundle_copy: Path):
 
 def test_bank_with_pickled_objects_is_refused(tmp_path: Path):
     path = tmp_path / "bank.npz"
-    np.savez(path, embeddings=np.array([{"a": 1}], dtype=object), groups=np.array(["g"]), labels=np.array(["l"]),
-             teacher=np.array("t"), fingerprint=np.array("f" * 16))
+    np.savez(
+        path,
+        embeddings=np.array([{"a": 1}], dtype=object),
+        groups=np.array(["g"]),
+        labels=np.array(["l"]),
+        teacher=np.array("t"),
+        fingerprint=np.array("f" * 16),
+    )
     with pytest.raises(BundleError, match="refused"):
         load_bank(path)
 
@@ -100,8 +109,14 @@ def test_bank_with_bad_values_is_refused(tmp_path: Path, emb, match):
     path = tmp_path / "bank.npz"
     save_bank(path, emb, ["g", "g"], ["a", "b"], "t", "f" * 16)
     if emb.dtype == np.float64:  # save_bank casts; write the wrong dtype directly
-        np.savez(path, embeddings=emb, groups=np.array(["g", "g"]), labels=np.array(["a", "b"]),
-                 teacher=np.array("t"), fingerprint=np.array("f" * 16))
+        np.savez(
+            path,
+            embeddings=emb,
+            groups=np.array(["g", "g"]),
+            labels=np.array(["a", "b"]),
+            teacher=np.array("t"),
+            fingerprint=np.array("f" * 16),
+        )
     with pytest.raises(BundleError, match=match):
         load_bank(path)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from retrofit_agent.contract.bundle import load_bundle
-from retrofit_agent.contract.errors import BundleError
 from retrofit_agent.contract.embedder import Embedder
+from retrofit_agent.contract.errors import BundleError
 from retrofit_agent.contract.preprocess import Preprocessor
 from retrofit_agent.contract.sample import render_frame
 

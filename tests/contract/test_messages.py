@@ -1,6 +1,5 @@
-from retrofit_agent.contract.messages import json_schema_text
-
 from helpers import REPO
+from retrofit_agent.contract.messages import json_schema_text
 
 
 def test_committed_json_schema_is_current():

@@ -16,7 +16,9 @@ def test_rebuilt_reference_bundle_matches_the_committed_one(tmp_path: Path, refe
     from retrofit_agent.contract.sample import read_clip_frames
     from retrofit_agent.train.reference import REPO, build_reference
 
-    report = build_reference(tmp_path / "ref", REPO / "models/prompts/automotive.toml", REPO / "models/sample/drive.mp4")
+    report = build_reference(
+        tmp_path / "ref", REPO / "models/prompts/automotive.toml", REPO / "models/sample/drive.mp4"
+    )
     assert report["parity_max_abs_diff"] <= 1e-4
     assert report["int8_vs_fp32_mean_cosine"] >= 0.98
     assert report["model_bytes"] <= 15 * 2**20

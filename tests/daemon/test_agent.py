@@ -4,21 +4,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
+from helpers import receive
+from retrofit_agent.contract.sample import render_frame
 from retrofit_agent.daemon.agent import Agent, AgentIO, LoopSettings
-from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.capture import FrameGrabber
 from retrofit_agent.daemon.config import AgentConfig
 from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
 from retrofit_agent.daemon.metrics import AgentMetrics
+from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.pipeline import build_pipeline
 from retrofit_agent.daemon.publish import Publisher
-from retrofit_agent.contract.sample import render_frame
-
-from helpers import receive
 
 
 class ListSource:
@@ -40,11 +38,13 @@ class ListSource:
 
 
 def make_agent(tmp_path: Path, frames, reference_bundle: Path):
-    cfg = AgentConfig.model_validate({
-        "camera": {"source": "list", "kind": "file"},
-        "model": {"bundle": str(reference_bundle), "intra_op_threads": 1, "warmup_runs": 1},
-        "publish": {"endpoint": f"ipc://{tmp_path}/a.sock"},
-    })
+    cfg = AgentConfig.model_validate(
+        {
+            "camera": {"source": "list", "kind": "file"},
+            "model": {"bundle": str(reference_bundle), "intra_op_threads": 1, "warmup_runs": 1},
+            "publish": {"endpoint": f"ipc://{tmp_path}/a.sock"},
+        }
+    )
     metrics = AgentMetrics.create(CollectorRegistry())
     pipeline = build_pipeline(cfg, structlog.get_logger())
     grabber = FrameGrabber(cfg.camera, metrics, opener=lambda c: ListSource(frames))

@@ -71,7 +71,11 @@ def test_tags_events_and_metrics_from_a_running_daemon(start_agent, subscriber, 
     info = [k for k in s if k[0] == "retrofit_model_info"][0]
     assert ("model_id", "retrofit-reference-untrained@0.1.0-reference") in info[1]
     assert ("trained", "false") in info[1]
-    for counter in ("retrofit_frames_dropped_total", "retrofit_camera_reconnects_total", "retrofit_publish_errors_total"):
+    for counter in (
+        "retrofit_frames_dropped_total",
+        "retrofit_camera_reconnects_total",
+        "retrofit_publish_errors_total",
+    ):
         assert (counter, ()) in s
 
 
@@ -121,8 +125,17 @@ def test_daemon_logs_that_the_reference_bundle_is_untrained(start_agent, clip: P
 
 def test_runs_without_torch(clip: Path, reference_bundle: Path, tmp_path: Path):
     # run_cli blocks torch/timm/open_clip imports; a full run must still succeed.
-    r = run_cli("--camera", str(clip), "--bundle", str(reference_bundle), "--max-frames", "3",
-                "--publish", f"ipc://{tmp_path}/t.sock", "--no-metrics")
+    r = run_cli(
+        "--camera",
+        str(clip),
+        "--bundle",
+        str(reference_bundle),
+        "--max-frames",
+        "3",
+        "--publish",
+        f"ipc://{tmp_path}/t.sock",
+        "--no-metrics",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "max_frames_reached" in r.stderr
 
@@ -153,8 +166,15 @@ def test_unknown_flag_exits_2():
 
 
 def test_missing_bundle_exits_2(clip: Path, tmp_path: Path):
-    r = run_cli("--camera", str(clip), "--bundle", str(tmp_path / "nope"), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--camera",
+        str(clip),
+        "--bundle",
+        str(tmp_path / "nope"),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+    )
     assert_one_line_exit_2(r, "bundle directory not found", "nope")
 
 
@@ -162,8 +182,9 @@ def test_tampered_bundle_exits_2(clip: Path, bundle_copy: Path, tmp_path: Path):
     with open(bundle_copy / "student.int8.onnx", "r+b") as f:
         f.seek(5000)
         f.write(b"\xff\xff")
-    r = run_cli("--camera", str(clip), "--bundle", str(bundle_copy), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--camera", str(clip), "--bundle", str(bundle_copy), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock"
+    )
     assert_one_line_exit_2(r, "sha256 mismatch", "student.int8.onnx")
 
 
@@ -171,17 +192,32 @@ def test_bank_from_other_teacher_exits_2(clip: Path, bundle_copy: Path, tmp_path
     from retrofit_agent.contract.bundle import load_bank, read_manifest, save_bank, write_manifest
 
     bank = load_bank(bundle_copy / "bank.npz")
-    save_bank(bundle_copy / "bank.npz", bank.embeddings, list(bank.groups), list(bank.labels), "ViT-L-14/openai", "0123456789abcdef")
+    save_bank(
+        bundle_copy / "bank.npz",
+        bank.embeddings,
+        list(bank.groups),
+        list(bank.labels),
+        "ViT-L-14/openai",
+        "0123456789abcdef",
+    )
     write_manifest(bundle_copy, read_manifest(bundle_copy))
-    r = run_cli("--camera", str(clip), "--bundle", str(bundle_copy), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--camera", str(clip), "--bundle", str(bundle_copy), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock"
+    )
     assert_one_line_exit_2(r, "ViT-L-14/openai", "rebuild the bank")
 
 
 def test_missing_video_file_exits_2(reference_bundle: Path, tmp_path: Path):
     # A file does not appear by waiting (a camera does: tests/daemon/test_camera_life.py).
-    r = run_cli("--camera", str(tmp_path / "nope.mp4"), "--bundle", str(reference_bundle), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--camera",
+        str(tmp_path / "nope.mp4"),
+        "--bundle",
+        str(reference_bundle),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+    )
     assert_one_line_exit_2(r, "nope.mp4")
 
 
@@ -190,8 +226,16 @@ def test_metrics_port_in_use_exits_2(clip: Path, reference_bundle: Path, tmp_pat
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = run_cli("--camera", str(clip), "--bundle", str(reference_bundle), "--metrics-address",
-                    f"127.0.0.1:{port}", "--publish", f"ipc://{tmp_path}/x.sock")
+        r = run_cli(
+            "--camera",
+            str(clip),
+            "--bundle",
+            str(reference_bundle),
+            "--metrics-address",
+            f"127.0.0.1:{port}",
+            "--publish",
+            f"ipc://{tmp_path}/x.sock",
+        )
     assert_one_line_exit_2(r, f"127.0.0.1:{port}", "cannot bind")
 
 
@@ -200,6 +244,13 @@ def test_publish_endpoint_in_use_exits_2(clip: Path, reference_bundle: Path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = run_cli("--camera", str(clip), "--bundle", str(reference_bundle), "--no-metrics",
-                    "--publish", f"tcp://127.0.0.1:{port}")
+        r = run_cli(
+            "--camera",
+            str(clip),
+            "--bundle",
+            str(reference_bundle),
+            "--no-metrics",
+            "--publish",
+            f"tcp://127.0.0.1:{port}",
+        )
     assert_one_line_exit_2(r, "publish endpoint", "cannot bind")

@@ -8,11 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retrofit_agent.contract.bundle import load_bank, read_manifest, save_bank, write_manifest
-from retrofit_agent.daemon.config import load_config
-from retrofit_agent.contract.errors import BundleError, ConfigError
-
 from helpers import run_cli
+from retrofit_agent.contract.bundle import load_bank, read_manifest, save_bank, write_manifest
+from retrofit_agent.contract.errors import BundleError, ConfigError
+from retrofit_agent.daemon.config import load_config
 
 
 def _rehash(bundle: Path) -> None:
@@ -32,15 +31,27 @@ def non_onnx_model(b: Path) -> None:
 
 def pickled_bank(b: Path) -> None:
     bank = load_bank(b / "bank.npz")
-    np.savez(b / "bank.npz", embeddings=np.array([object()] * 2, dtype=object), groups=np.array(bank.groups),
-             labels=np.array(bank.labels), teacher=np.array(bank.teacher), fingerprint=np.array(bank.fingerprint))
+    np.savez(
+        b / "bank.npz",
+        embeddings=np.array([object()] * 2, dtype=object),
+        groups=np.array(bank.groups),
+        labels=np.array(bank.labels),
+        teacher=np.array(bank.teacher),
+        fingerprint=np.array(bank.fingerprint),
+    )
     _rehash(b)
 
 
 def float64_bank(b: Path) -> None:
     bank = load_bank(b / "bank.npz")
-    np.savez(b / "bank.npz", embeddings=bank.embeddings.astype(np.float64), groups=np.array(bank.groups),
-             labels=np.array(bank.labels), teacher=np.array(bank.teacher), fingerprint=np.array(bank.fingerprint))
+    np.savez(
+        b / "bank.npz",
+        embeddings=bank.embeddings.astype(np.float64),
+        groups=np.array(bank.groups),
+        labels=np.array(bank.labels),
+        teacher=np.array(bank.teacher),
+        fingerprint=np.array(bank.fingerprint),
+    )
     _rehash(b)
 
 
@@ -99,7 +110,9 @@ BROKEN = {
 def test_broken_bundle_exits_2_with_one_line(case, bundle_copy, clip, tmp_path):
     breaker, needle = BROKEN[case]
     breaker(bundle_copy)
-    r = run_cli("--camera", str(clip), "--bundle", str(bundle_copy), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--camera", str(clip), "--bundle", str(bundle_copy), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock"
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith("retrofit-agent: error:")]
@@ -134,18 +147,44 @@ def test_unusable_paths_and_values_exit_2(setup, needle, tmp_path, clip):
 
 # --------------------------------------------------------------------------- fuzzing
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=20))
-keys = st.sampled_from(["camera", "model", "labels", "publish", "metrics", "log", "collect", "max_frames", "source",
-                        "fps", "bundle", "thresholds", "endpoint", "address", "format", "campaigns", "store", "x"])
-trees = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=3),
-                                                         st.dictionaries(keys, children, max_size=4)), max_leaves=12)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=20)
+)
+keys = st.sampled_from(
+    [
+        "camera",
+        "model",
+        "labels",
+        "publish",
+        "metrics",
+        "log",
+        "collect",
+        "max_frames",
+        "source",
+        "fps",
+        "bundle",
+        "thresholds",
+        "endpoint",
+        "address",
+        "format",
+        "campaigns",
+        "store",
+        "x",
+    ]
+)
+trees = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(keys, children, max_size=4)),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(keys, trees, max_size=5))
 def test_fuzzed_config_trees_never_escape_as_tracebacks(tree):
-    from retrofit_agent.daemon.config import AgentConfig, format_validation_error
     from pydantic import ValidationError
+
+    from retrofit_agent.daemon.config import AgentConfig, format_validation_error
 
     try:
         AgentConfig.model_validate(tree)
@@ -166,9 +205,22 @@ def test_fuzzed_toml_text(tmp_path_factory, text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["RETROFIT_CAMERA__FPS", "RETROFIT_MAX_FRAMES", "RETROFIT_LOG__FORMAT",
-                                         "RETROFIT_LABELS__THRESHOLDS", "RETROFIT_CAMERA", "RETROFIT_X__Y__Z"]),
-                       st.text(max_size=30), max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "RETROFIT_CAMERA__FPS",
+                "RETROFIT_MAX_FRAMES",
+                "RETROFIT_LOG__FORMAT",
+                "RETROFIT_LABELS__THRESHOLDS",
+                "RETROFIT_CAMERA",
+                "RETROFIT_X__Y__Z",
+            ]
+        ),
+        st.text(max_size=30),
+        max_size=3,
+    )
+)
 def test_fuzzed_environment(env):
     try:
         load_config(None, env)

@@ -27,14 +27,23 @@ def test_the_default_config_and_a_4k_source_fit_the_units_512_mb_and_8k_does_not
         check_memory_budget(_cfg(pre=True), 15 * MB, limit=512 * MB, source=(7680, 4320))
 
 
-@pytest.mark.parametrize("cgroup,files,expect", [
-    ("0::/system.slice/retrofit-agent.service\n", {"system.slice/retrofit-agent.service/memory.max": "536870912\n"},
-     512 * MB),
-    ("0::/system.slice/x.service\n", {"system.slice/x.service/memory.max": "max\n"}, None),
-    ("4:memory:/system.slice/x.service\n3:cpu,cpuacct:/\n",
-     {"memory/system.slice/x.service/memory.limit_in_bytes": "268435456\n"}, 256 * MB),
-    ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),
-])
+@pytest.mark.parametrize(
+    "cgroup,files,expect",
+    [
+        (
+            "0::/system.slice/retrofit-agent.service\n",
+            {"system.slice/retrofit-agent.service/memory.max": "536870912\n"},
+            512 * MB,
+        ),
+        ("0::/system.slice/x.service\n", {"system.slice/x.service/memory.max": "max\n"}, None),
+        (
+            "4:memory:/system.slice/x.service\n3:cpu,cpuacct:/\n",
+            {"memory/system.slice/x.service/memory.limit_in_bytes": "268435456\n"},
+            256 * MB,
+        ),
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),
+    ],
+)
 def test_the_budget_defaults_to_the_cgroup_limit_v1_or_v2(tmp_path: Path, cgroup, files, expect):
     (tmp_path / "cgroup").write_text(cgroup)
     for rel, text in files.items():

@@ -28,8 +28,10 @@ from retrofit_agent.daemon.config import CameraConfig
 from retrofit_agent.daemon.metrics import AgentMetrics
 
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs Debian's ffmpeg (scripts/test.sh installs it)")
-LIVE = "[camera]\nbackoff_initial_s = 0.2\nbackoff_max_s = 1.0\nstall_timeout_s = 2.0\nmax_frame_age_s = 1.0\n" \
-       "read_timeout_s = 5.0\nopen_timeout_s = 2.0\n"
+LIVE = (
+    "[camera]\nbackoff_initial_s = 0.2\nbackoff_max_s = 1.0\nstall_timeout_s = 2.0\nmax_frame_age_s = 1.0\n"
+    "read_timeout_s = 5.0\nopen_timeout_s = 2.0\n"
+)
 
 
 def _iso(ts: str) -> float:
@@ -81,8 +83,9 @@ def test_sigterm_during_a_hanging_open_is_prompt_and_clean(start_agent, referenc
         port = silent.getsockname()[1]
         cfg = tmp_path / "agent.toml"
         cfg.write_text(LIVE.replace("open_timeout_s = 2.0", "open_timeout_s = 30.0"))
-        agent = start_agent("--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts",
-                            "--bundle", str(reference_bundle))
+        agent = start_agent(
+            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+        )
         agent.wait_ready()
         time.sleep(1.0)  # the open is now hanging on the grabber thread
         t0 = time.monotonic()
@@ -100,8 +103,9 @@ def test_a_camera_that_appears_later_is_picked_up(start_agent, subscriber, clip,
     port = free_port()
     cfg = tmp_path / "agent.toml"
     cfg.write_text(LIVE)
-    agent = start_agent("--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts",
-                        "--bundle", str(reference_bundle))
+    agent = start_agent(
+        "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+    )
     sub = subscriber(agent.endpoint, ("tags", "status"))
     agent.wait_ready()
     before = receive(sub, 3.0)
@@ -139,8 +143,9 @@ def test_a_frozen_stream_is_a_stall_and_its_buffer_is_never_published_as_new(
         time.sleep(0.5)
         cfg = tmp_path / "agent.toml"
         cfg.write_text(LIVE)
-        agent = start_agent("--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts",
-                            "--bundle", str(reference_bundle))
+        agent = start_agent(
+            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+        )
         sub = subscriber(agent.endpoint, ("tags", "status"))
         agent.wait_ready()
         assert [m for t, m in receive(sub, 3.0) if t == "tags"], "frames flow before the freeze"
@@ -158,8 +163,10 @@ def test_a_frozen_stream_is_a_stall_and_its_buffer_is_never_published_as_new(
     stalls = [e for e in agent.events() if e["event"] == "camera_stalled"]
     assert stalls, "the freeze was never called a stall"
     detected = _iso(stalls[0]["timestamp"]) - frozen_at
-    print(f"frozen stream detected as a stall after {detected:.2f} s (stall_timeout_s 2.0); "
-          f"stale frames dropped: {metric(text, 'retrofit_frames_stale_total'):.0f}")
+    print(
+        f"frozen stream detected as a stall after {detected:.2f} s (stall_timeout_s 2.0); "
+        f"stale frames dropped: {metric(text, 'retrofit_frames_stale_total'):.0f}"
+    )
     # The daemon's own reading of how long the stream had been frozen when it called the stall
     # (the wall-clock figure above depends on how busy this machine is).
     assert stalls[0]["seconds"] <= 2.0 + 1.0
@@ -224,8 +231,11 @@ def test_a_damaged_stretch_in_a_file_is_skipped_not_the_end(tmp_path):
     good = [np.full((4, 4, 3), i, np.uint8) for i in range(12)]
     script = good[:5] + [None] * 3 + good[5:] + [None] * 100
     metrics = AgentMetrics.create(CollectorRegistry())
-    g = FrameGrabber(CameraConfig(source=str(tmp_path / "x.mp4"), kind="file", max_read_failures=10), metrics,
-                     opener=lambda c: ScriptedSource(script))
+    g = FrameGrabber(
+        CameraConfig(source=str(tmp_path / "x.mp4"), kind="file", max_read_failures=10),
+        metrics,
+        opener=lambda c: ScriptedSource(script),
+    )
     g.start()
     try:
         frames = _drain(g)
@@ -251,9 +261,26 @@ def test_oversized_frames_are_downscaled_at_capture(tmp_path):
 def _vfr_clip(path: Path) -> None:
     """A variable-frame-rate file: 3 s at 15 fps, then every third frame (5 fps) for 1 s."""
     subprocess.run(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=15:d=4",
-         "-vf", "select='lt(t,3)+not(mod(n,3))',setpts='N/TB/15*lt(N,45)+(3+(N-45)/5)/TB*gte(N,45)'",
-         "-fps_mode", "vfr", "-c:v", "mpeg4", "-q:v", "5", str(path)],
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=160x90:rate=15:d=4",
+            "-vf",
+            "select='lt(t,3)+not(mod(n,3))',setpts='N/TB/15*lt(N,45)+(3+(N-45)/5)/TB*gte(N,45)'",
+            "-fps_mode",
+            "vfr",
+            "-c:v",
+            "mpeg4",
+            "-q:v",
+            "5",
+            str(path),
+        ],
         check=True,
     )
 
@@ -264,8 +291,25 @@ def _vfr_clip(path: Path) -> None:
 def test_realtime_pacing_follows_the_files_timestamps_without_drift(tmp_path, kind):
     path = tmp_path / f"{kind}.mp4"
     if kind == "constant":
-        subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                        "testsrc2=size=160x90:rate=15:d=6", "-c:v", "mpeg4", "-q:v", "5", str(path)], check=True)
+        subprocess.run(
+            [
+                FFMPEG,
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=160x90:rate=15:d=6",
+                "-c:v",
+                "mpeg4",
+                "-q:v",
+                "5",
+                str(path),
+            ],
+            check=True,
+        )
     else:
         _vfr_clip(path)
     cap = cv2.VideoCapture(str(path))
@@ -324,8 +368,18 @@ def test_a_corrupt_stream_writes_only_structured_lines(tmp_path, reference_bundl
     for at in rng.integers(len(data) // 4, len(data), 200):
         data[at] ^= 0xFF
     corrupt.write_bytes(bytes(data))
-    r = run_cli("--camera", str(corrupt), "--bundle", str(reference_bundle), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock", "--log-format", "json", timeout=120)
+    r = run_cli(
+        "--camera",
+        str(corrupt),
+        "--bundle",
+        str(reference_bundle),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+        "--log-format",
+        "json",
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     bad = [l for l in lines if not l.startswith("{")]
@@ -336,12 +390,15 @@ def test_a_corrupt_stream_writes_only_structured_lines(tmp_path, reference_bundl
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("endpoint,expect", [
-    ("tcp://127.0.0.1:-1", "1-65535"),
-    ("tcp://127.0.0.1:70000", "1-65535"),
-    ("tcp://127.0.0.1:0", "1-65535"),
-    ("inproc://tags", "inproc://"),
-])
+@pytest.mark.parametrize(
+    "endpoint,expect",
+    [
+        ("tcp://127.0.0.1:-1", "1-65535"),
+        ("tcp://127.0.0.1:70000", "1-65535"),
+        ("tcp://127.0.0.1:0", "1-65535"),
+        ("inproc://tags", "inproc://"),
+    ],
+)
 def test_unusable_endpoints_are_refused(endpoint, expect, tmp_path, clip):
     r = run_cli("--camera", str(clip), "--no-metrics", "--publish", endpoint)
     assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -352,7 +409,12 @@ def test_an_invalid_value_is_an_error_even_when_a_flag_overrides_it(tmp_path, cl
     cfg.write_text('camera = "/dev/video0"\n')
     r = run_cli("--config", str(cfg), "--camera", str(clip), "--no-metrics")
     assert r.returncode == 2 and "camera" in r.stderr and "overridden" in r.stderr, r.stderr
-    r = run_cli("--camera", str(clip), "--no-metrics", env={"RETROFIT_CAMERA__FPS": "-3"},)
+    r = run_cli(
+        "--camera",
+        str(clip),
+        "--no-metrics",
+        env={"RETROFIT_CAMERA__FPS": "-3"},
+    )
     assert r.returncode == 2 and "camera.fps" in r.stderr, r.stderr
 
 
@@ -366,8 +428,17 @@ def test_a_config_that_cannot_fit_the_memory_budget_is_refused(tmp_path, clip, r
         "[[collect.campaigns]]\nname = 'all'\nframes_before = 30\nrule = { any_of = ['cyclists.present'] }\n"
         f"[collect.store]\ndirectory = '{tmp_path / 'captures'}'\n"
     )
-    r = run_cli("--config", str(cfg), "--camera", str(clip), "--bundle", str(reference_bundle), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--config",
+        str(cfg),
+        "--camera",
+        str(clip),
+        "--bundle",
+        str(reference_bundle),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+    )
     assert r.returncode == 2, r.stderr
     (line,) = [l for l in r.stderr.splitlines() if "error" in l and not l.startswith("{")]
     assert "limits.memory_mb is 256 MB" in line and "frames" in line
@@ -391,9 +462,27 @@ def _peak_rss_mb(pid: int) -> float:
 @pytest.mark.parametrize("size", ["3840x2160", "7680x4320"])
 def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(size, tmp_path, reference_bundle):
     video = tmp_path / f"{size}.mp4"
-    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                    f"testsrc2=size={size}:rate=15:d=3", "-c:v", "libx264", "-preset", "ultrafast",
-                    "-pix_fmt", "yuv420p", str(video)], check=True)
+    subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=size={size}:rate=15:d=3",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            str(video),
+        ],
+        check=True,
+    )
     # The unit's MemoryMax (512 MB) holds 4K; decoding 8K alone needs ~480 MB, so an 8K source
     # needs a bigger budget (refused under 512 MB: the test below).
     budget_mb = 512 if size == "3840x2160" else 1024
@@ -407,9 +496,22 @@ def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(si
     from helpers import agent_command
 
     proc = subprocess.Popen(
-        agent_command("--config", str(cfg), "--camera", str(video), "--bundle", str(reference_bundle),
-                      "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock", "--log-format", "json"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        agent_command(
+            "--config",
+            str(cfg),
+            "--camera",
+            str(video),
+            "--bundle",
+            str(reference_bundle),
+            "--no-metrics",
+            "--publish",
+            f"ipc://{tmp_path}/x.sock",
+            "--log-format",
+            "json",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     peak = 0.0
     try:
@@ -431,13 +533,40 @@ def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(si
 @needs_ffmpeg
 def test_an_8k_source_over_the_default_budget_is_refused_with_one_line(tmp_path, reference_bundle):
     video = tmp_path / "8k.mp4"
-    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc2=size=7680x4320:rate=15:d=0.2", "-c:v", "libx264", "-preset", "ultrafast",
-                    "-pix_fmt", "yuv420p", str(video)], check=True)
+    subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=7680x4320:rate=15:d=0.2",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            str(video),
+        ],
+        check=True,
+    )
     cfg = tmp_path / "agent.toml"
     cfg.write_text("[limits]\nmemory_mb = 512\n")
-    r = run_cli("--config", str(cfg), "--camera", str(video), "--bundle", str(reference_bundle), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    r = run_cli(
+        "--config",
+        str(cfg),
+        "--camera",
+        str(video),
+        "--bundle",
+        str(reference_bundle),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = [l for l in r.stderr.splitlines() if not l.startswith("{")]
     assert "7680x4320 source" in line and "512 MB" in line

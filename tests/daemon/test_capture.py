@@ -6,9 +6,9 @@ import cv2
 import pytest
 from prometheus_client import CollectorRegistry
 
+from retrofit_agent.contract.errors import CaptureError
 from retrofit_agent.daemon.capture import FrameGrabber, camera_id, open_source, resolve_kind
 from retrofit_agent.daemon.config import CameraConfig
-from retrofit_agent.contract.errors import CaptureError
 from retrofit_agent.daemon.metrics import AgentMetrics
 
 
@@ -28,8 +28,13 @@ def drain(grabber: FrameGrabber, limit: float = 20.0) -> list:
 
 @pytest.mark.parametrize(
     "source, kind",
-    [("/dev/video0", "v4l2"), ("2", "v4l2"), ("rtsp://cam/stream", "url"), ("clip.mp4", "file"),
-     ("videotestsrc ! videoconvert ! appsink", "gstreamer")],
+    [
+        ("/dev/video0", "v4l2"),
+        ("2", "v4l2"),
+        ("rtsp://cam/stream", "url"),
+        ("clip.mp4", "file"),
+        ("videotestsrc ! videoconvert ! appsink", "gstreamer"),
+    ],
 )
 def test_kind_is_inferred(source, kind):
     assert resolve_kind(CameraConfig(source=source)) == kind

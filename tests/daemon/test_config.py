@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from retrofit_agent.daemon.config import AgentConfig, load_config
-from retrofit_agent.contract.errors import ConfigError
-
 from helpers import REPO
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.daemon.config import AgentConfig, load_config
 
 
 def test_defaults_bind_loopback_only():

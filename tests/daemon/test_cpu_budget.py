@@ -23,13 +23,21 @@ def _sample(text: str, name: str) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_half_a_core_budget_holds_on_a_30fps_source_and_skipped_frames_are_counted_apart(
-    tmp_path: Path, start_agent,
+    tmp_path: Path,
+    start_agent,
 ):
     from retrofit_agent.contract.sample import write_clip
 
     clip = write_clip(tmp_path / "drive30.mp4", n_frames=90, fps=30.0)
-    agent = start_agent("--camera", str(clip), "--loop", "--realtime", "--threads", "1",
-                        env={"RETROFIT_BUDGET__MAX_CPU": "0.5", "RETROFIT_MODEL__TUNE_BUDGET_S": "0"})
+    agent = start_agent(
+        "--camera",
+        str(clip),
+        "--loop",
+        "--realtime",
+        "--threads",
+        "1",
+        env={"RETROFIT_BUDGET__MAX_CPU": "0.5", "RETROFIT_MODEL__TUNE_BUDGET_S": "0"},
+    )
     agent.wait_ready(60)
     time.sleep(8)  # the window fills and the interval settles
     t0, c0 = time.monotonic(), _cpu_seconds(agent.proc.pid)

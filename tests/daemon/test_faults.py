@@ -2,9 +2,7 @@
 and comes back, subscribers that never read or join late."""
 
 import json
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,10 +21,13 @@ def test_live_stream_loss_reconnects_and_seq_stays_monotonic(start_agent, subscr
     try:
         time.sleep(0.5)
         cfg = tmp_path / "agent.toml"
-        cfg.write_text("[camera]\nbackoff_initial_s = 0.2\nbackoff_max_s = 1.0\nstall_timeout_s = 2.0\n"
-                       "read_timeout_s = 2.0\nopen_timeout_s = 2.0\n")
-        agent = start_agent("--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts",
-                            "--bundle", str(reference_bundle))
+        cfg.write_text(
+            "[camera]\nbackoff_initial_s = 0.2\nbackoff_max_s = 1.0\nstall_timeout_s = 2.0\n"
+            "read_timeout_s = 2.0\nopen_timeout_s = 2.0\n"
+        )
+        agent = start_agent(
+            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+        )
         sub = subscriber(agent.endpoint, ("tags", "status"))
         agent.wait_ready()
         before = receive(sub, 2.0)
@@ -41,7 +42,10 @@ def test_live_stream_loss_reconnects_and_seq_stays_monotonic(start_agent, subscr
     finally:
         server.kill()
         server.wait()
-    tags = lambda msgs: [m for t, m in msgs if t == "tags"]
+
+    def tags(msgs):
+        return [m for t, m in msgs if t == "tags"]
+
     assert tags(before) and tags(after), "tags flow before the outage and resume after it"
     seqs = [m["seq"] for m in tags(before) + tags(during) + tags(after)]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq monotonic and gap-free across the outage"
@@ -60,8 +64,16 @@ def rss_mb(pid: int) -> float:
 
 def test_stuck_and_late_subscribers_cost_nothing(start_agent, subscriber, clip, reference_bundle):
     # A small send HWM makes the stuck peer overflow within the test's seconds.
-    agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(reference_bundle), "--threads", "2",
-                        env={"RETROFIT_PUBLISH__SEND_HWM": "5"})
+    agent = start_agent(
+        "--camera",
+        str(clip),
+        "--loop",
+        "--bundle",
+        str(reference_bundle),
+        "--threads",
+        "2",
+        env={"RETROFIT_PUBLISH__SEND_HWM": "5"},
+    )
     reader = subscriber(agent.endpoint, ("tags",))
     agent.wait_ready()
     time.sleep(2.0)

@@ -12,10 +12,9 @@ import pytest
 import zmq.auth
 from zmq.utils import z85
 
+from helpers import REPO, agent_command, run_cli
 from retrofit_agent.contract import keyfiles
 from retrofit_agent.contract.errors import ConfigError
-
-from helpers import REPO, agent_command, run_cli
 
 pytestmark = pytest.mark.integration
 

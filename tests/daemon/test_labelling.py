@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from retrofit_agent.contract.bundle import BankSpec, GroupSpec, LabelSpec, TextBank
-from retrofit_agent.daemon.config import LabelsConfig
 from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.daemon.config import LabelsConfig
 from retrofit_agent.daemon.labelling import ZeroShotLabeler
 
 
@@ -15,8 +15,13 @@ def make(cfg: LabelsConfig | None = None, logit_scale: float = 10.0):
         file="bank.npz",
         logit_scale=logit_scale,
         groups=[
-            GroupSpec(name="weather", labels=[LabelSpec(name="clear"), LabelSpec(name="rain"), LabelSpec(name="fog", threshold=0.9)]),
-            GroupSpec(name="ped", labels=[LabelSpec(name="present", threshold=0.6), LabelSpec(name="absent", negative=True)]),
+            GroupSpec(
+                name="weather",
+                labels=[LabelSpec(name="clear"), LabelSpec(name="rain"), LabelSpec(name="fog", threshold=0.9)],
+            ),
+            GroupSpec(
+                name="ped", labels=[LabelSpec(name="present", threshold=0.6), LabelSpec(name="absent", negative=True)]
+            ),
         ],
     )
     return ZeroShotLabeler(bank, spec, cfg or LabelsConfig())

@@ -32,7 +32,7 @@ def received(s: socket.socket) -> list[str]:
     while True:
         try:
             out.append(s.recv(4096).decode())
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             return out
 
 

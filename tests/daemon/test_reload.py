@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from retrofit_agent.contract.bundle import read_manifest, write_manifest
-
 from helpers import receive
+from retrofit_agent.contract.bundle import read_manifest, write_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +21,9 @@ def metric(text: str, prefix: str) -> float:
     return float([l for l in text.splitlines() if l.startswith(prefix)][0].split()[-1])
 
 
-def test_sighup_swaps_in_a_new_bundle_without_restarting_outputs(start_agent, subscriber, clip, bundle_copy, reference_bundle, tmp_path):
+def test_sighup_swaps_in_a_new_bundle_without_restarting_outputs(
+    start_agent, subscriber, clip, bundle_copy, reference_bundle, tmp_path
+):
     m = read_manifest(bundle_copy)
     write_manifest(bundle_copy, m.model_copy(update={"version": "2.0.0-test"}))
     cfg = tmp_path / "agent.toml"
@@ -51,7 +52,9 @@ def test_sighup_swaps_in_a_new_bundle_without_restarting_outputs(start_agent, su
     assert "reload_applied" in agent.logs()
 
 
-def test_sighup_refuses_a_bad_bundle_and_keeps_running(start_agent, subscriber, clip, bundle_copy, reference_bundle, tmp_path):
+def test_sighup_refuses_a_bad_bundle_and_keeps_running(
+    start_agent, subscriber, clip, bundle_copy, reference_bundle, tmp_path
+):
     with open(bundle_copy / "student.int8.onnx", "r+b") as f:
         f.seek(4096)
         f.write(b"\x00" * 16)
@@ -74,8 +77,10 @@ def test_sighup_refuses_a_bad_bundle_and_keeps_running(start_agent, subscriber, 
 
 def test_sighup_changes_campaigns(start_agent, subscriber, clip, reference_bundle, tmp_path):
     store = tmp_path / "store"
-    campaign = ('[[collect.campaigns]]\nname = "{name}"\nmin_interval_s = 0\nmax_per_hour = 100000\n'
-                'rule = {{ any_of = ["cyclists.present"] }}\n[collect.store]\ndirectory = "{store}"\n')
+    campaign = (
+        '[[collect.campaigns]]\nname = "{name}"\nmin_interval_s = 0\nmax_per_hour = 100000\n'
+        'rule = {{ any_of = ["cyclists.present"] }}\n[collect.store]\ndirectory = "{store}"\n'
+    )
     cfg = tmp_path / "agent.toml"
     write_cfg(cfg, reference_bundle, campaign.format(name="first", store=store))
     agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--realtime")

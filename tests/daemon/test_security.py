@@ -1,20 +1,17 @@
 """CURVE-protected publishing, signed bundles, loopback-only defaults."""
 
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import zmq
 
+from helpers import REPO, receive, run_cli
 from retrofit_agent.contract.bundle import load_bundle, read_manifest, write_manifest
 from retrofit_agent.contract.errors import BundleError
-from retrofit_agent.contract.signing import sign_bundle, verify_bundle_signature
+from retrofit_agent.contract.signing import sign_bundle
 from retrofit_agent.daemon.curve import make_curve_client
-
-from helpers import REPO, receive, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +23,11 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def curve_keys(tmp_path: Path) -> dict[str, Path]:
     auth = tmp_path / "authorized"
-    for kind, d, name in (("curve", tmp_path / "server", "server"), ("curve", auth, "ground-station"),
-                          ("curve", tmp_path / "stranger", "stranger")):
+    for kind, d, name in (
+        ("curve", tmp_path / "server", "server"),
+        ("curve", auth, "ground-station"),
+        ("curve", tmp_path / "stranger", "stranger"),
+    ):
         r = cli("keys", kind, str(d), "--name", name)
         assert r.returncode == 0, r.stderr
     return {
@@ -77,8 +77,21 @@ def test_tail_with_curve(start_agent, clip, reference_bundle, tmp_path, curve_ke
     )
     agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--bundle", str(reference_bundle))
     agent.wait_ready()
-    r = cli("tail", "--endpoint", agent.endpoint, "--count", "3", "--timeout", "10", "--topic", "tags",
-            "--curve-client-cert", str(curve_keys["client_secret"]), "--curve-server-key", str(curve_keys["server_public"]))
+    r = cli(
+        "tail",
+        "--endpoint",
+        agent.endpoint,
+        "--count",
+        "3",
+        "--timeout",
+        "10",
+        "--topic",
+        "tags",
+        "--curve-client-cert",
+        str(curve_keys["client_secret"]),
+        "--curve-server-key",
+        str(curve_keys["server_public"]),
+    )
     agent.stop()
     assert r.returncode == 0 and r.stdout.count("tags   seq=") == 3, r.stderr
 
@@ -89,8 +102,10 @@ def signing(tmp_path: Path) -> dict[str, Path]:
         assert cli("keys", "signing", str(tmp_path / "keys"), "--name", name).returncode == 0
     keys = tmp_path / "keys"
     return {
-        "owner": keys / "owner.ed25519.pem", "owner_pub": keys / "owner.ed25519.pub.pem",
-        "other": keys / "other.ed25519.pem", "other_pub": keys / "other.ed25519.pub.pem",
+        "owner": keys / "owner.ed25519.pem",
+        "owner_pub": keys / "owner.ed25519.pub.pem",
+        "other": keys / "other.ed25519.pem",
+        "other_pub": keys / "other.ed25519.pub.pem",
     }
 
 
@@ -124,8 +139,17 @@ def test_unsigned_bundle_is_refused_when_a_key_is_configured(clip, bundle_copy, 
     r = run_cli("--config", str(cfg), "--camera", str(clip), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock")
     assert r.returncode == 2 and "unsigned (manifest.json.sig missing)" in r.stderr and "Traceback" not in r.stderr
     sign_bundle(bundle_copy, signing["owner"])
-    r = run_cli("--config", str(cfg), "--camera", str(clip), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock",
-                "--max-frames", "2")
+    r = run_cli(
+        "--config",
+        str(cfg),
+        "--camera",
+        str(clip),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+        "--max-frames",
+        "2",
+    )
     assert r.returncode == 0, r.stderr[-1000:]
 
 
@@ -133,8 +157,16 @@ def test_exposed_binds_are_explicit_and_logged(start_agent, clip, reference_bund
     from helpers import free_port
 
     port = free_port()
-    agent = start_agent("--camera", str(clip), "--bundle", str(reference_bundle), "--max-frames", "2",
-                        "--publish", f"tcp://0.0.0.0:{port}")
+    agent = start_agent(
+        "--camera",
+        str(clip),
+        "--bundle",
+        str(reference_bundle),
+        "--max-frames",
+        "2",
+        "--publish",
+        f"tcp://0.0.0.0:{port}",
+    )
     assert agent.proc.wait(60) == 0
     events = {e["event"]: e for e in agent.events()}
     assert events["publishing_beyond_loopback"]["endpoint"] == f"tcp://0.0.0.0:{port}"

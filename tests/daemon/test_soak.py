@@ -27,8 +27,9 @@ def proc_stats(pid: int) -> dict:
 
 
 def test_soak(start_agent, clip, reference_bundle, tmp_path):
-    agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(reference_bundle), "--threads", "2",
-                        "--log-level", "warning")
+    agent = start_agent(
+        "--camera", str(clip), "--loop", "--bundle", str(reference_bundle), "--threads", "2", "--log-level", "warning"
+    )
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"tags")
@@ -67,9 +68,11 @@ def test_soak(start_agent, clip, reference_bundle, tmp_path):
     last = [e for t, e, _ in arrivals if t >= t0 + SECONDS - window]
     p99_first, p99_last = np.percentile(first, 99), np.percentile(last, 99)
     seqs = [s for _, _, s in arrivals]
-    print(f"\nsoak {SECONDS:.0f}s: frames={len(arrivals)} rss {start['rss_mb']:.1f}->{end['rss_mb']:.1f} MB "
-          f"fds {start['fds']}->{end['fds']} threads {start['threads']}->{end['threads']} "
-          f"p99 e2e first {window:.0f}s {p99_first:.1f} ms, last {window:.0f}s {p99_last:.1f} ms")
+    print(
+        f"\nsoak {SECONDS:.0f}s: frames={len(arrivals)} rss {start['rss_mb']:.1f}->{end['rss_mb']:.1f} MB "
+        f"fds {start['fds']}->{end['fds']} threads {start['threads']}->{end['threads']} "
+        f"p99 e2e first {window:.0f}s {p99_first:.1f} ms, last {window:.0f}s {p99_last:.1f} ms"
+    )
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no message lost to the attached subscriber"
     assert end["rss_mb"] - start["rss_mb"] < 10, samples
     assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"], samples

@@ -22,10 +22,30 @@ def test_tail_prints_messages_from_a_real_publisher(tmp_path):
     t.start()
     lat = Latency(capture_wait_ms=1, preprocess_ms=1, inference_ms=30, labelling_ms=0.1, end_to_end_ms=33.3)
     ids = {"run_id": "r1", "vehicle": "car-1"}
-    tags = TagsMessage(**ids, seq=7, frame_id=7, camera="front", captured_at="2026-01-01T00:00:00.000Z", model="m@1",
-                       tags=[TagOut(group="weather", label="rain", score=0.8)], top=[], latency=lat)
-    status = StatusMessage(**ids, seq=0, at="2026-01-01T00:00:00.000Z", camera="front", model="m@1", trained=False, health="ok",
-                           machine="aarch64", frames_processed=8, fps=30.0, tags=[])
+    tags = TagsMessage(
+        **ids,
+        seq=7,
+        frame_id=7,
+        camera="front",
+        captured_at="2026-01-01T00:00:00.000Z",
+        model="m@1",
+        tags=[TagOut(group="weather", label="rain", score=0.8)],
+        top=[],
+        latency=lat,
+    )
+    status = StatusMessage(
+        **ids,
+        seq=0,
+        at="2026-01-01T00:00:00.000Z",
+        camera="front",
+        model="m@1",
+        trained=False,
+        health="ok",
+        machine="aarch64",
+        frames_processed=8,
+        fps=30.0,
+        tags=[],
+    )
     deadline = time.monotonic() + 10
     while t.is_alive() and time.monotonic() < deadline:  # PUB drops until the SUB has joined
         pub.send_multipart([b"tags", tags.model_dump_json().encode()])
@@ -45,9 +65,18 @@ def test_tail_prints_messages_from_a_real_publisher(tmp_path):
 
 def _tags(seq: int, on: list[tuple[str, str]], top: list[tuple[str, str]]) -> TagsMessage:
     lat = Latency(capture_wait_ms=1, preprocess_ms=1, inference_ms=30, labelling_ms=0.1, end_to_end_ms=33.3)
-    return TagsMessage(run_id="r1", vehicle="car-1", seq=seq, frame_id=seq, camera="front", captured_at="2026-01-01T00:00:00.000Z", model="m@1",
-                       tags=[TagOut(group=g, label=l, score=0.8) for g, l in on],
-                       top=[TagOut(group=g, label=l, score=0.8) for g, l in top], latency=lat)
+    return TagsMessage(
+        run_id="r1",
+        vehicle="car-1",
+        seq=seq,
+        frame_id=seq,
+        camera="front",
+        captured_at="2026-01-01T00:00:00.000Z",
+        model="m@1",
+        tags=[TagOut(group=g, label=l, score=0.8) for g, l in on],
+        top=[TagOut(group=g, label=l, score=0.8) for g, l in top],
+        latency=lat,
+    )
 
 
 def test_tail_says_what_it_waits_for_then_once_that_nothing_arrives_then_why_it_stopped(tmp_path):
@@ -101,17 +130,24 @@ def test_summary_counts_per_group_how_often_each_label_was_top_and_on(tmp_path):
     ]
     out, err = io.StringIO(), io.StringIO()
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault(
-        "code", tail(TailOptions(endpoint, ("tags",), count=3, timeout_s=10, summary=True), out, err)))
+    t = threading.Thread(
+        target=lambda: result.setdefault(
+            "code", tail(TailOptions(endpoint, ("tags",), count=3, timeout_s=10, summary=True), out, err)
+        )
+    )
     t.start()
     _publish_until_done(endpoint, msgs, lambda: not t.is_alive())
     t.join(5)
     assert result["code"] == 0
     lines = out.getvalue().splitlines()
-    summary = lines[lines.index("summary: 3 frames from m@1"):]
+    summary = lines[lines.index("summary: 3 frames from m@1") :]
     rows = [line.split() for line in summary[2:]]
-    assert rows == [["scene", "open_road", "2", "0"], ["tunnel", "1", "0"],
-                    ["weather", "rain", "2", "2"], ["clear", "1", "0"]]
+    assert rows == [
+        ["scene", "open_road", "2", "0"],
+        ["tunnel", "1", "0"],
+        ["weather", "rain", "2", "2"],
+        ["clear", "1", "0"],
+    ]
 
 
 @pytest.mark.integration
@@ -124,8 +160,13 @@ def test_sigterm_ends_tail_with_its_summary(tmp_path):
     from helpers import REPO, agent_command
 
     endpoint = f"ipc://{tmp_path}/pub.sock"
-    proc = subprocess.Popen(agent_command("tail", "--endpoint", endpoint, "--summary", "--topic", "tags"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        agent_command("tail", "--endpoint", endpoint, "--summary", "--topic", "tags"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.bind(endpoint)

@@ -117,14 +117,17 @@ def test_thermal_zone_auto_finds_the_first_zone_only_where_it_exists(tmp_path: P
     assert resolve_zone("/x/temp") == Path("/x/temp")
 
 
-@pytest.mark.parametrize("section,match", [
-    ({"max_cpu": 0}, "budget.max_cpu"),
-    ({"max_fps": -1}, "budget.max_fps"),
-    ({"thermal_high_c": 90, "thermal_critical_c": 85}, "thermal_critical_c"),
-    ({"thermal_step": 1.5}, "budget.thermal_step"),
-    ({"cpu_window_s": 0.1}, "budget.cpu_window_s"),
-    ({"max_gpu": 1}, "budget.max_gpu"),
-])
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"max_cpu": 0}, "budget.max_cpu"),
+        ({"max_fps": -1}, "budget.max_fps"),
+        ({"thermal_high_c": 90, "thermal_critical_c": 85}, "thermal_critical_c"),
+        ({"thermal_step": 1.5}, "budget.thermal_step"),
+        ({"cpu_window_s": 0.1}, "budget.cpu_window_s"),
+        ({"max_gpu": 1}, "budget.max_gpu"),
+    ],
+)
 def test_the_budget_section_refuses_bad_values_naming_the_key(section, match):
     with pytest.raises(ConfigError, match=match):
         load_config(flags={f"budget.{k}": v for k, v in section.items()})

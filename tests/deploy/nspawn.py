@@ -18,10 +18,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 ROOT_SCRIPT = Path(__file__).with_name("nspawn_root.sh")
 BOOT_TIMEOUT_S = 60.0
@@ -51,8 +51,12 @@ def root_tarball(timeout: float = 900.0) -> Path:
 def unpack(tarball: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     compress = ["-I", "zstd"] if tarball.name.endswith(".zst") else []
-    subprocess.run(["tar", *compress, "--numeric-owner", "-xpf", str(tarball), "-C", str(dest)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        ["tar", *compress, "--numeric-owner", "-xpf", str(tarball), "-C", str(dest)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return dest
 
 
@@ -61,8 +65,12 @@ def tmpfs(path: Path, size: str = "2G") -> Iterator[Path]:
     """A tmpfs at ``path``, for the installed root: unmounting frees it at once, where deleting
     its ~13,000 freshly written files took 26-36 s on the dev box's disk (ext4 mounted with discard)."""
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     try:
         yield path
     finally:
@@ -76,8 +84,12 @@ def overlay(lower: Path, scratch: Path) -> Iterator[Path]:
     upper, work, merged = scratch / "upper", scratch / "work", scratch / "merged"
     for d in (upper, work, merged):
         d.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
-                    str(merged)], check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     try:
         yield merged
     finally:
@@ -104,8 +116,9 @@ class Container:
 
     def run(self, *cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` inside every namespace of the container."""
-        return subprocess.run(["nsenter", "-t", str(self.init_pid), "-a", *cmd],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["nsenter", "-t", str(self.init_pid), "-a", *cmd], capture_output=True, text=True, timeout=timeout
+        )
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         r = self.run("systemctl", "show", "-p", ",".join(props), unit)
@@ -158,9 +171,21 @@ def booted(root: Path, machine: str, console: Path) -> Iterator[Container]:
     with open(console, "wb") as out:
         # --register=no --keep-unit: there is no systemd-machined on the host to register with.
         process = subprocess.Popen(
-            ["systemd-nspawn", "-D", str(root), f"--machine={machine}", "--boot", "--console=passive",
-             "--register=no", "--keep-unit"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "systemd-nspawn",
+                "-D",
+                str(root),
+                f"--machine={machine}",
+                "--boot",
+                "--console=passive",
+                "--register=no",
+                "--keep-unit",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     container = Container(process, 0, console)
     try:
         container.init_pid = _wait_running(process, console)
@@ -181,15 +206,20 @@ def _wait_running(process: subprocess.Popen, console: Path) -> int:
             raise RuntimeError(f"systemd-nspawn exited ({process.returncode}): {console.read_text()[-3000:]}")
         init = _child_of(process.pid)
         if init:
-            r = subprocess.run(["nsenter", "-t", str(init), "-a", "systemctl", "is-system-running"],
-                               capture_output=True, text=True, timeout=10)
+            r = subprocess.run(
+                ["nsenter", "-t", str(init), "-a", "systemctl", "is-system-running"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             state = r.stdout.strip()
             # degraded: some unit failed at boot (harmless ones in a bare container); ours is not enabled.
             if state in ("running", "degraded"):
                 return init
         time.sleep(0.1)
-    raise RuntimeError(f"container not running after {BOOT_TIMEOUT_S:.0f}s (state {state!r}): "
-                       f"{console.read_text()[-3000:]}")
+    raise RuntimeError(
+        f"container not running after {BOOT_TIMEOUT_S:.0f}s (state {state!r}): {console.read_text()[-3000:]}"
+    )
 
 
 def _child_of(pid: int) -> int:
@@ -197,8 +227,7 @@ def _child_of(pid: int) -> int:
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan every process's parent
-        children = [p.parent.name for p in Path("/proc").glob("[0-9]*/stat")
-                    if _parent(p) == pid]
+        children = [p.parent.name for p in Path("/proc").glob("[0-9]*/stat") if _parent(p) == pid]
     return int(children[0]) if children else 0
 
 

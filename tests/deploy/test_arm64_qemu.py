@@ -13,14 +13,14 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import zmq
 
-from helpers import REFERENCE, free_port
 from deploy_helpers import DEPLOY, REPO, need, report
+from helpers import REFERENCE, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,7 +32,9 @@ FRAMES = 6  # emulation runs the int8 EfficientNet-B3 at about a frame per secon
 @pytest.fixture(scope="module")
 def rootfs(request: pytest.FixtureRequest) -> Path:
     need("qemu-aarch64-static")
-    path = Path(subprocess.run(["bash", str(ROOTFS_SH), "path"], capture_output=True, text=True, check=True).stdout.strip())
+    path = Path(
+        subprocess.run(["bash", str(ROOTFS_SH), "path"], capture_output=True, text=True, check=True).stdout.strip()
+    )
     if not (path / ".complete").exists():
         need("debootstrap")
         if os.geteuid() != 0:
@@ -50,9 +52,11 @@ def emulated(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.
 
 
 def test_rootfs_python_is_aarch64_debian_with_the_runtime(rootfs: Path):
-    probe = ("import platform, sys, onnxruntime, cv2, zmq, numpy, cryptography, retrofit_agent.daemon.agent; "
-             "print(platform.machine(), '%d.%d' % sys.version_info[:2], onnxruntime.__version__, "
-             "onnxruntime.get_available_providers())")
+    probe = (
+        "import platform, sys, onnxruntime, cv2, zmq, numpy, cryptography, retrofit_agent.daemon.agent; "
+        "print(platform.machine(), '%d.%d' % sys.version_info[:2], onnxruntime.__version__, "
+        "onnxruntime.get_available_providers())"
+    )
     p = emulated("-c", probe, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
@@ -60,7 +64,12 @@ def test_rootfs_python_is_aarch64_debian_with_the_runtime(rootfs: Path):
     assert machine == "aarch64" and version == "3.11" and "CPUExecutionProvider" in providers
     assert (rootfs / "etc/debian_version").read_text().startswith("12.")
     # Not the build host's libraries: the ELF files loaded are aarch64.
-    assert next((rootfs / "opt/retrofit-agent/site/onnxruntime/capi").glob("onnxruntime_pybind11_state*.so")).read_bytes()[18] == 0xB7
+    assert (
+        next((rootfs / "opt/retrofit-agent/site/onnxruntime/capi").glob("onnxruntime_pybind11_state*.so")).read_bytes()[
+            18
+        ]
+        == 0xB7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +85,25 @@ def emulated_run(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     sub.connect(pub)
     log = open(tmp / "agent.log", "wb")
     t0 = time.monotonic()
-    proc = emulated("-m", "retrofit_agent", "--camera", str(CLIP), "--bundle", str(REFERENCE),
-                    "--max-frames", str(FRAMES), "--publish", pub, "--metrics-address", f"127.0.0.1:{port}",
-                    "--log-format", "json", env={"ARM64_ROOTFS_WORK": str(tmp / "work")},
-                    stdout=log, stderr=subprocess.STDOUT)
+    proc = emulated(
+        "-m",
+        "retrofit_agent",
+        "--camera",
+        str(CLIP),
+        "--bundle",
+        str(REFERENCE),
+        "--max-frames",
+        str(FRAMES),
+        "--publish",
+        pub,
+        "--metrics-address",
+        f"127.0.0.1:{port}",
+        "--log-format",
+        "json",
+        env={"ARM64_ROOTFS_WORK": str(tmp / "work")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     run: dict = {"messages": [], "scrape": "", "ready_s": None}
     try:
         deadline = time.monotonic() + 600
@@ -129,10 +153,17 @@ def test_daemon_in_emulation_publishes_tags_for_the_bounded_run(emulated_run: di
     assert tags[0]["model"] == "retrofit-reference-untrained@0.1.0-reference" and tags[0]["top"]
     inference = sorted(m["latency"]["inference_ms"] for m in tags)
     e2e = sorted(m["latency"]["end_to_end_ms"] for m in tags)
-    report(request, "emulated aarch64 run (QEMU neoverse-n1, not the camera's speed)", {
-        "ready_after_s": round(run["ready_s"] or -1, 1), "wall_s": round(run["wall_s"], 1), "frames": FRAMES,
-        "inference_ms_median": inference[len(inference) // 2], "end_to_end_ms_median": e2e[len(e2e) // 2],
-    })
+    report(
+        request,
+        "emulated aarch64 run (QEMU neoverse-n1, not the camera's speed)",
+        {
+            "ready_after_s": round(run["ready_s"] or -1, 1),
+            "wall_s": round(run["wall_s"], 1),
+            "frames": FRAMES,
+            "inference_ms_median": inference[len(inference) // 2],
+            "end_to_end_ms_median": e2e[len(e2e) // 2],
+        },
+    )
 
 
 def test_daemon_in_emulation_reports_aarch64_in_status_and_metrics(emulated_run: dict):

@@ -8,11 +8,11 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -64,7 +64,7 @@ def test_image_and_rootfs_install_the_same_debian_packages():
         extra = re.search(r"--no-install-recommends (.*?)\$\(", runs).group(1).split()
         assert set(extra) <= {"python3-pip"}, extra
     # The recipe's debootstrap --include is the same file.
-    assert 'package_csv() { sed -e \'s/#.*//\' -e \'/^[[:space:]]*$/d\' "$HERE/packages.txt"' in RECIPE
+    assert "package_csv() { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' \"$HERE/packages.txt\"" in RECIPE
     assert '--include="$(package_csv)"' in RECIPE
 
 

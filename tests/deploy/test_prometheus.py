@@ -10,14 +10,13 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import yaml
 
-from helpers import REFERENCE, agent_command, free_port
 from deploy_helpers import DEPLOY, REPO, need, report
+from helpers import REFERENCE, agent_command, free_port
 
 PROM = DEPLOY / "prometheus"
 RULES = sorted((PROM / "rules").glob("*.yml"))
@@ -59,8 +58,14 @@ def test_promtool_rule_unit_tests_pass():
 
 def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not():
     alerts = {r["alert"] for r in rules_of("alert")}
-    assert {"RetrofitAgentDown", "RetrofitNoFrames", "RetrofitLatencyP99OverBudget", "RetrofitDropRateHigh",
-            "RetrofitCameraReconnectStorm", "RetrofitModelNotLoaded"} <= alerts
+    assert {
+        "RetrofitAgentDown",
+        "RetrofitNoFrames",
+        "RetrofitLatencyP99OverBudget",
+        "RetrofitDropRateHigh",
+        "RetrofitCameraReconnectStorm",
+        "RetrofitModelNotLoaded",
+    } <= alerts
     fired, quiet = set(), set()
     for f in RULE_TESTS:
         for case in yaml.safe_load(f.read_text())["tests"]:
@@ -93,10 +98,23 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = open(tmp / "agent.log", "wb")
     proc = subprocess.Popen(
-        agent_command("--camera", str(REPO / "models/sample/drive.mp4"), "--loop", "--realtime",
-                      "--bundle", str(REFERENCE), "--threads", "2", "--publish", f"ipc://{tmp}/pub.sock",
-                      "--metrics-address", f"127.0.0.1:{port}"),
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        agent_command(
+            "--camera",
+            str(REPO / "models/sample/drive.mp4"),
+            "--loop",
+            "--realtime",
+            "--bundle",
+            str(REFERENCE),
+            "--threads",
+            "2",
+            "--publish",
+            f"ipc://{tmp}/pub.sock",
+            "--metrics-address",
+            f"127.0.0.1:{port}",
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
     )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -155,9 +173,14 @@ def prometheus(daemon: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     port = free_port()
     log = open(tmp / "prometheus.log", "wb")
     proc = subprocess.Popen(
-        [exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            exe,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -198,16 +221,24 @@ def test_real_prometheus_records_latency_quantiles_from_the_daemon(prometheus: s
         assert sample["metric"]["job"] == "retrofit-agent"
         e2e[q] = float(sample["value"][1])
     assert 0 < e2e["p50"] <= e2e["p95"] <= e2e["p99"] <= 2.5, e2e
-    stages = {s["metric"]["stage"]: float(s["value"][1])
-              for s in wait_for(prometheus, "instance_stage:retrofit_stage_duration_seconds:p50_5m")}
+    stages = {
+        s["metric"]["stage"]: float(s["value"][1])
+        for s in wait_for(prometheus, "instance_stage:retrofit_stage_duration_seconds:p50_5m")
+    }
     assert set(stages) == {"capture_wait", "preprocess", "inference", "labelling", "publish"}
     # The int8 model takes milliseconds, far more than labelling a 33-label bank.
     assert 0.001 < stages["inference"] < 2.5 and stages["labelling"] < stages["inference"]
     (fps,) = wait_for(prometheus, "instance:retrofit_frames_processed:rate1m")
     assert float(fps["value"][1]) > 0  # rate() over 1m divides by 60 s even when the daemon is younger
-    report(request, "Prometheus-recorded latency on this host (s)",
-           {**{f"end_to_end_{k}": round(v, 4) for k, v in e2e.items()}, "inference_p50": round(stages["inference"], 4),
-            "frames_per_s": round(float(fps["value"][1]), 1)})
+    report(
+        request,
+        "Prometheus-recorded latency on this host (s)",
+        {
+            **{f"end_to_end_{k}": round(v, 4) for k, v in e2e.items()},
+            "inference_p50": round(stages["inference"], 4),
+            "frames_per_s": round(float(fps["value"][1]), 1),
+        },
+    )
 
 
 @pytest.mark.integration

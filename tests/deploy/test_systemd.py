@@ -14,16 +14,16 @@ import socket
 import subprocess
 import threading
 import time
-import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import pytest
+import tomllib
 
-from helpers import REFERENCE, agent_command, free_port
 from deploy_helpers import DEPLOY, REPO, UNIT, need, report, unit_settings
+from helpers import REFERENCE, agent_command, free_port
 
 README = REPO / "README.md"
 SYSUSERS = REPO / "systemd" / "retrofit-agent.sysusers"
@@ -48,8 +48,9 @@ def test_unit_passes_systemd_analyze_verify_without_warnings(unit_root: Path):
     exe = need("systemd-analyze")
     if not Path("/usr/lib/systemd/system/multi-user.target").exists():
         pytest.skip("no systemd unit directory on this host; apt-get install systemd (scripts/test.sh does)")
-    r = subprocess.run([exe, "verify", f"--root={unit_root}", "retrofit-agent.service"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "verify", f"--root={unit_root}", "retrofit-agent.service"], capture_output=True, text=True, timeout=60
+    )
     # Unknown keys and bad values are only warnings (exit 0): any output is a failure.
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
 
@@ -60,11 +61,18 @@ def test_verify_catches_a_broken_unit(unit_root: Path, tmp_path: Path):
     if not Path("/usr/lib/systemd/system/multi-user.target").exists():
         pytest.skip("no systemd unit directory on this host; apt-get install systemd (scripts/test.sh does)")
     broken = unit_root / "usr/lib/systemd/system/retrofit-agent-broken.service"
-    broken.write_text(UNIT.read_text().replace("WatchdogSec=", "WatchdogSecs=").replace(
-        "/opt/retrofit-agent/bin/retrofit-agent", "/opt/retrofit-agent/bin/missing"))
+    broken.write_text(
+        UNIT.read_text()
+        .replace("WatchdogSec=", "WatchdogSecs=")
+        .replace("/opt/retrofit-agent/bin/retrofit-agent", "/opt/retrofit-agent/bin/missing")
+    )
     try:
-        r = subprocess.run([exe, "verify", f"--root={unit_root}", "retrofit-agent-broken.service"],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [exe, "verify", f"--root={unit_root}", "retrofit-agent-broken.service"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         broken.unlink()
     out = r.stdout + r.stderr
@@ -73,8 +81,12 @@ def test_verify_catches_a_broken_unit(unit_root: Path, tmp_path: Path):
 
 def test_security_exposure_is_within_budget_and_recorded(request: pytest.FixtureRequest):
     exe = need("systemd-analyze")
-    r = subprocess.run([exe, "security", "--offline=yes", f"--threshold={int(EXPOSURE_BUDGET * 10)}", str(UNIT)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "security", "--offline=yes", f"--threshold={int(EXPOSURE_BUDGET * 10)}", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(r"Overall exposure level for retrofit-agent\.service: (\d+\.\d)", r.stdout)
     assert m, r.stdout[-2000:] + r.stderr
     score = float(m.group(1))
@@ -96,8 +108,12 @@ def test_unit_keeps_cameras_reachable_and_everything_else_locked_down():
     assert "char-video4linux rw" in s["Service.DeviceAllow"]
     assert "video" in one["Service.SupplementaryGroups"].split()
     for key, value in {
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
-        "CapabilityBoundingSet": "", "SystemCallFilter": "@system-service",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "SystemCallFilter": "@system-service",
     }.items():
         assert one[f"Service.{key}"] == value, key
     assert one["Service.ExecStart"].endswith("--config /etc/retrofit-agent/agent.toml")
@@ -140,9 +156,9 @@ def one_entry(path: Path, name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- notify protocol
 
-WATCHDOG_S = 2.0     # WATCHDOG_USEC as systemd would set it for WatchdogSec=2
-STREAM_S = 6.0       # the camera delivers frames this long after the daemon opens it...
-STALL_S = 7.0        # ...then keeps the stream open and sends nothing (a hung camera)
+WATCHDOG_S = 2.0  # WATCHDOG_USEC as systemd would set it for WatchdogSec=2
+STREAM_S = 6.0  # the camera delivers frames this long after the daemon opens it...
+STALL_S = 7.0  # ...then keeps the stream open and sends nothing (a hung camera)
 
 
 @dataclass
@@ -152,8 +168,8 @@ class NotifyRun:
     stall_started: float = 0.0
     sigterm_at: float = 0.0
     alive_before_sigterm: bool = False
-    frames_at_stall: float = -1.0      # frames processed one watchdog period into the stall...
-    frames_at_sigterm: float = -2.0    # ...and when the stall ends
+    frames_at_stall: float = -1.0  # frames processed one watchdog period into the stall...
+    frames_at_sigterm: float = -2.0  # ...and when the stall ends
     exit_code: int | None = None
     log_events: list[dict] = field(default_factory=list)
 
@@ -214,10 +230,15 @@ def notify_run(tmp_path_factory: pytest.TempPathFactory) -> NotifyRun:
     fifo = tmp / "camera.mjpeg"
     os.mkfifo(fifo)
     port = free_port()
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock"), "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
-           "RETROFIT_CAMERA__KIND": "url", "RETROFIT_CAMERA__STALL_TIMEOUT_S": "2",
-           # A live MJPEG stream: probe one frame, not FFmpeg's default 5 MB (seconds of video).
-           "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;32768|analyzeduration;0|fflags;nobuffer"}
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(tmp / "notify.sock"),
+        "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
+        "RETROFIT_CAMERA__KIND": "url",
+        "RETROFIT_CAMERA__STALL_TIMEOUT_S": "2",
+        # A live MJPEG stream: probe one frame, not FFmpeg's default 5 MB (seconds of video).
+        "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;32768|analyzeduration;0|fflags;nobuffer",
+    }
     env.pop("WATCHDOG_PID", None)
     release = threading.Event()
     camera = threading.Thread(target=_camera, args=(fifo, _jpeg_frames(), run, release), daemon=True)
@@ -225,10 +246,24 @@ def notify_run(tmp_path_factory: pytest.TempPathFactory) -> NotifyRun:
     log_path = tmp / "agent.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            agent_command("--camera", str(fifo), "--bundle", str(REFERENCE), "--threads", "2",
-                          "--publish", f"ipc://{tmp}/pub.sock", "--metrics-address", f"127.0.0.1:{port}",
-                          "--log-format", "json"),
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            agent_command(
+                "--camera",
+                str(fifo),
+                "--bundle",
+                str(REFERENCE),
+                "--threads",
+                "2",
+                "--publish",
+                f"ipc://{tmp}/pub.sock",
+                "--metrics-address",
+                f"127.0.0.1:{port}",
+                "--log-format",
+                "json",
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
         )
     try:
         deadline = time.monotonic() + 90
@@ -266,7 +301,7 @@ def notify_run(tmp_path_factory: pytest.TempPathFactory) -> NotifyRun:
 def _receive(sock: socket.socket, run: NotifyRun) -> None:
     try:
         data = sock.recv(4096)
-    except socket.timeout:
+    except TimeoutError:
         return
     fields = dict(l.split("=", 1) for l in data.decode().splitlines() if "=" in l)
     run.datagrams.append((time.monotonic(), time.time(), fields))
@@ -363,10 +398,31 @@ def test_daemon_needs_only_the_syscalls_and_socket_families_the_unit_allows(tmp_
     trace = tmp_path / "strace.txt"
     for i, endpoint in enumerate((f"tcp://127.0.0.1:{free_port()}", f"ipc://{tmp_path}/pub.sock")):
         r = subprocess.run(
-            [strace, "-f", "-qq", "-o", f"{trace}.{i}", *agent_command(
-                "--camera", str(clip), "--bundle", str(REFERENCE), "--max-frames", "5", "--threads", "2",
-                "--publish", endpoint, "--metrics-address", f"127.0.0.1:{free_port()}")],
-            capture_output=True, text=True, timeout=120, cwd=REPO,
+            [
+                strace,
+                "-f",
+                "-qq",
+                "-o",
+                f"{trace}.{i}",
+                *agent_command(
+                    "--camera",
+                    str(clip),
+                    "--bundle",
+                    str(REFERENCE),
+                    "--max-frames",
+                    "5",
+                    "--threads",
+                    "2",
+                    "--publish",
+                    endpoint,
+                    "--metrics-address",
+                    f"127.0.0.1:{free_port()}",
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
             env={**os.environ, "HOME": str(tmp_path)},
         )
         assert r.returncode == 0, r.stderr[-2000:]

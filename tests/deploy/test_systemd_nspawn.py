@@ -17,18 +17,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
-
-import pytest
-import zmq
 
 import nspawn
+import pytest
+import zmq
+from nspawn import Container, JournalLine, wait_for
+
 from deploy_helpers import DEPLOY, REPO, read_env, report
 from helpers import free_port
-from nspawn import Container, JournalLine, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,10 +40,10 @@ CLIP = REPO / "models" / "sample" / "drive.mp4"  # 10 s, 640x360, 15 fps
 CLIP_IN_ROOT = "/opt/retrofit-test/drive.mp4"
 HOOKS_IN_ROOT = "/opt/retrofit-test-hooks"
 
-OUTAGE_S = 120.0       # the issue's camera outage (a tunnel, a loose connector): ridden out without a restart
-CAMERA_LATE_S = 20.0   # the camera starts streaming this long after the daemon started
-TEST_WATCHDOG_S = 5    # WatchdogSec for the hung-model test; the unit's 20 s would only make it slower
-HANG_AFTER_RUNS = 48   # InferenceSession.run calls before the hang: 3 warm-up runs + ~3 s of frames
+OUTAGE_S = 120.0  # the issue's camera outage (a tunnel, a loose connector): ridden out without a restart
+CAMERA_LATE_S = 20.0  # the camera starts streaming this long after the daemon started
+TEST_WATCHDOG_S = 5  # WatchdogSec for the hung-model test; the unit's 20 s would only make it slower
+HANG_AFTER_RUNS = 48  # InferenceSession.run calls before the hang: 3 warm-up runs + ~3 s of frames
 WAITING = "waiting_for_camera"
 NEEDS_FFMPEG = pytest.mark.skipif(FFMPEG is None, reason="needs Debian's ffmpeg (scripts/test.sh installs it)")
 
@@ -115,19 +115,33 @@ class Ports:
 def agent_toml(ports: Ports, camera: dict[str, object]) -> str:
     """The per-test /etc/retrofit-agent/agent.toml: ``camera`` keys, loopback ports the host reaches."""
     lines = [f"{key} = {json.dumps(value)}" for key, value in camera.items()]
-    return "\n".join([
-        "[camera]", *lines, 'id = "front"',
-        # The vehicle caps the reconnect back-off at 30 s; 5 s keeps reconnects within the tests' bounds.
-        "backoff_max_s = 5.0",
-        "[model]", 'bundle = "/usr/share/retrofit-agent/bundles/reference"', "intra_op_threads = 2",
-        "[publish]", f'endpoint = "tcp://127.0.0.1:{ports.publish}"', "status_interval_s = 1.0",
-        "[metrics]", f'address = "127.0.0.1:{ports.metrics}"',
-        "[log]", 'format = "json"',
-        # A campaign starts the collector, whose store lives in the unit's StateDirectory: the one
-        # place ProtectSystem=strict lets the daemon write.
-        "[[collect.campaigns]]", 'name = "construction"', 'rule = { any_of = ["scene.construction_zone"] }',
-        "[collect.store]", 'directory = "/var/lib/retrofit-agent/captures"', "",
-    ])
+    return "\n".join(
+        [
+            "[camera]",
+            *lines,
+            'id = "front"',
+            # The vehicle caps the reconnect back-off at 30 s; 5 s keeps reconnects within the tests' bounds.
+            "backoff_max_s = 5.0",
+            "[model]",
+            'bundle = "/usr/share/retrofit-agent/bundles/reference"',
+            "intra_op_threads = 2",
+            "[publish]",
+            f'endpoint = "tcp://127.0.0.1:{ports.publish}"',
+            "status_interval_s = 1.0",
+            "[metrics]",
+            f'address = "127.0.0.1:{ports.metrics}"',
+            "[log]",
+            'format = "json"',
+            # A campaign starts the collector, whose store lives in the unit's StateDirectory: the one
+            # place ProtectSystem=strict lets the daemon write.
+            "[[collect.campaigns]]",
+            'name = "construction"',
+            'rule = { any_of = ["scene.construction_zone"] }',
+            "[collect.store]",
+            'directory = "/var/lib/retrofit-agent/captures"',
+            "",
+        ]
+    )
 
 
 @dataclass
@@ -199,9 +213,32 @@ class Vehicle:
         tests/daemon/test_faults.py does); one client, like a camera's single stream."""
         log = open(self.tmp / "ffmpeg.log", "ab")
         self.camera = subprocess.Popen(
-            [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(CLIP),
-             "-c:v", "mpeg4", "-q:v", "5", "-g", "15", "-f", "mpegts", "-listen", "1", self.ports.camera_url],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            [
+                FFMPEG,
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-re",
+                "-stream_loop",
+                "-1",
+                "-i",
+                str(CLIP),
+                "-c:v",
+                "mpeg4",
+                "-q:v",
+                "5",
+                "-g",
+                "15",
+                "-f",
+                "mpegts",
+                "-listen",
+                "1",
+                self.ports.camera_url,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
         log.close()
         return time.monotonic()
 
@@ -239,8 +276,10 @@ class Vehicle:
             out += self.listen(min(2.0, left))
             state = self.state()
             if state.get("NRestarts") != "0" or state.get("ActiveState") != "active":
-                raise AssertionError(f"the unit restarted or stopped {seconds - left:.0f}s into a "
-                                     f"{seconds:.0f}s window that needs no restart{self.explain()}")
+                raise AssertionError(
+                    f"the unit restarted or stopped {seconds - left:.0f}s into a "
+                    f"{seconds:.0f}s window that needs no restart{self.explain()}"
+                )
         return out
 
 
@@ -257,17 +296,21 @@ def installed_root(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fix
     """The cached Debian root, unpacked, with the daemon installed the real way (install.sh)."""
     if (reason := nspawn.missing()) is not None:
         pytest.skip(reason)
-    if "%d.%d" % sys.version_info[:2] != ENV["PYTHON_VERSION"]:
+    if "{}.{}".format(*sys.version_info[:2]) != ENV["PYTHON_VERSION"]:
         pytest.skip(f"install.sh resolves wheels for the host interpreter; needs Python {ENV['PYTHON_VERSION']}")
     t0 = time.monotonic()
     tarball = nspawn.root_tarball()
     t1 = time.monotonic()
     with nspawn.tmpfs(tmp_path_factory.mktemp("nspawn")) as fs:
         root = nspawn.unpack(tarball, fs / "root")
-        r = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--destdir", str(root), "--no-enable"],
-                           capture_output=True, text=True, timeout=900,
-                           # The venv's interpreter carries this machine's pip configuration (index, wheel cache).
-                           env={**os.environ, "PYTHON": sys.executable})
+        r = subprocess.run(
+            ["bash", str(DEPLOY / "install.sh"), "--destdir", str(root), "--no-enable"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            # The venv's interpreter carries this machine's pip configuration (index, wheel cache).
+            env={**os.environ, "PYTHON": sys.executable},
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         clip = root / CLIP_IN_ROOT.lstrip("/")
         clip.parent.mkdir(parents=True)
@@ -296,7 +339,9 @@ def test_the_daemon_labels_with_the_units_hardening_in_force(vehicle: Vehicle):
     inside = vehicle.container.run
     pid = vehicle.state()["MainPID"]
     status = dict(l.split(":", 1) for l in inside("cat", f"/proc/{pid}/status").stdout.splitlines())
-    mounts = {f[4]: f[5].split(",") for f in map(str.split, inside("cat", f"/proc/{pid}/mountinfo").stdout.splitlines())}
+    mounts = {
+        f[4]: f[5].split(",") for f in map(str.split, inside("cat", f"/proc/{pid}/mountinfo").stdout.splitlines())
+    }
     user = inside("id", "-u", "retrofit-agent").stdout.strip()
     video = inside("getent", "group", "video").stdout.split(":")[2]
     assert status["Uid"].split() == [user] * 4 and user != "0"
@@ -314,26 +359,36 @@ def test_a_bad_config_exits_2_with_one_line_and_is_not_restarted(vehicle: Vehicl
     assert started.returncode != 0, f"systemctl start must fail: no READY from a bad config{vehicle.explain()}"
     state = wait_for("the unit to fail", lambda: (s := vehicle.state())["ActiveState"] == "failed" and s, 30)
     assert (state["NRestarts"], state["Result"], state["ExecMainStatus"]) == ("0", "exit-code", "2"), vehicle.explain()
-    own = wait_for("the daemon's own output in the journal",
-                   lambda: [l.message for l in vehicle.journal() if l.identifier == UNIT], 10)
+    own = wait_for(
+        "the daemon's own output in the journal",
+        lambda: [l.message for l in vehicle.journal() if l.identifier == UNIT],
+        10,
+    )
     # One line naming the field and the value, from the daemon; the rest is systemd's own.
     assert len(own) == 1 and own[0].startswith("retrofit-agent: error:"), vehicle.explain()
     assert "camera.fps" in own[0] and "-1" in own[0], own[0]
 
 
 def test_b_a_hung_model_is_killed_by_the_watchdog_and_the_restarted_daemon_publishes(
-        vehicle: Vehicle, request: pytest.FixtureRequest):
+    vehicle: Vehicle, request: pytest.FixtureRequest
+):
     vehicle.boot(agent_toml(vehicle.ports, {"source": CLIP_IN_ROOT, "loop": True, "realtime": True}), HANG_DROPIN)
     assert vehicle.start().returncode == 0, vehicle.explain()
     first_pid = vehicle.state()["MainPID"]
     vehicle.listen_until("tags from the first daemon", tags_since(0), 30)
     hang = wait_for("the hook's hang", lambda: [l for l in vehicle.journal() if "retrofit-test-hook" in l.message], 60)
     t_hang = time.monotonic()
-    wait_for("'Watchdog timeout' in the journal", lambda: any("Watchdog timeout" in l.message for l in vehicle.journal()),
-             TEST_WATCHDOG_S * 4)
+    wait_for(
+        "'Watchdog timeout' in the journal",
+        lambda: any("Watchdog timeout" in l.message for l in vehicle.journal()),
+        TEST_WATCHDOG_S * 4,
+    )
     t_killed = time.monotonic()
-    state = wait_for("the restarted unit to be active",
-                     lambda: (s := vehicle.state())["ActiveState"] == "active" and s["NRestarts"] != "0" and s, 60)
+    state = wait_for(
+        "the restarted unit to be active",
+        lambda: (s := vehicle.state())["ActiveState"] == "active" and s["NRestarts"] != "0" and s,
+        60,
+    )
     vehicle.listen_until("tags from the restarted daemon (seq starting over)", seq_started_over, 60)
     manager = [l.message for l in vehicle.journal() if l.identifier == "systemd"]
     report(request, "hang → watchdog kill, s", round(t_killed - t_hang, 1))
@@ -359,8 +414,11 @@ def test_c_a_camera_missing_at_boot_is_waited_for_without_a_restart(vehicle: Veh
     vehicle.stay_up(max(0.0, t0 + CAMERA_LATE_S - time.monotonic()))
     t_camera = vehicle.camera_on()
     vehicle.listen_until("tags once the camera streams", tags_since(t_camera), 60)
-    report(request, "camera on → first tags, s", round(min(m.at for m in vehicle.messages
-                                                            if m.topic == "tags") - t_camera, 1))
+    report(
+        request,
+        "camera on → first tags, s",
+        round(min(m.at for m in vehicle.messages if m.topic == "tags") - t_camera, 1),
+    )
     state = vehicle.state()
     assert (state["NRestarts"], state["ActiveState"]) == ("0", "active"), vehicle.explain()
 

@@ -49,7 +49,16 @@ def report(work: Path) -> float:
         counts = Counter("killed" if code in KILLED else "survived" if code == 0 else "other" for code in meta.values())
         survivors += [name for name, code in meta.items() if code == 0]
         tested = counts["killed"] + counts["survived"]
-        rows.append((module, len(meta), counts["killed"], counts["survived"], counts["other"], counts["killed"] / max(tested, 1)))
+        rows.append(
+            (
+                module,
+                len(meta),
+                counts["killed"],
+                counts["survived"],
+                counts["other"],
+                counts["killed"] / max(tested, 1),
+            )
+        )
     total = [sum(r[i] for r in rows) for i in (1, 2, 3, 4)]
     rate = total[1] / max(total[1] + total[2], 1)
     print(f"{'module':40s} {'mutants':>8s} {'killed':>7s} {'survived':>9s} {'other':>6s} {'rate':>6s}")

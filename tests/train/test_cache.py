@@ -9,8 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
-
 from retrofit_agent.contract.errors import ConfigError  # noqa: E402
 from retrofit_agent.train import cache as cache_mod  # noqa: E402
 from retrofit_agent.train.augment import Augmenter, Normalisation  # noqa: E402
@@ -18,6 +16,7 @@ from retrofit_agent.train.cache import CacheSpec, TeacherCache, build_cache, cac
 from retrofit_agent.train.config import AugmentConfig  # noqa: E402
 from retrofit_agent.train.data import DistillDataset, index_sources  # noqa: E402
 from retrofit_agent.train.teacher import Teacher  # noqa: E402
+from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
 
 pytestmark = [pytest.mark.train]
 
@@ -90,9 +89,11 @@ def test_resolution_view_set_and_image_list_are_part_of_the_key(tmp_path, images
     build_cache(root, a, refs, CacheSpec(shard_size=10), batch_size=8)
     key = cache_key(a, refs, CacheSpec(shard_size=10))
     other_size = {**key, "input": {**key["input"], "height": 48, "width": 48}}
-    for changed, what in ((CacheSpec(shard_size=10, views=2, teacher_view="same"), "views"),
-                          (CacheSpec(shard_size=10, layers=(-1,)), "spatial"),
-                          (CacheSpec(shard_size=5), "shard_size")):
+    for changed, what in (
+        (CacheSpec(shard_size=10, views=2, teacher_view="same"), "views"),
+        (CacheSpec(shard_size=10, layers=(-1,)), "spatial"),
+        (CacheSpec(shard_size=5), "shard_size"),
+    ):
         with pytest.raises(ConfigError, match=what):
             build_cache(root, a, refs, changed, batch_size=8)
     with pytest.raises(ConfigError, match="images"):
@@ -145,9 +146,13 @@ def test_stored_views_are_what_the_teacher_saw_and_steps_replay_them(tmp_path, i
 def test_training_from_a_view_cache_replays_the_stored_view_on_the_students_input(tmp_path, images):
     from retrofit_agent.train.engine import Distiller
 
-    cfg = tiny_config(tmp_path / "run", [str(images)], data={"max_images": 48, "holdout": 0, "batch_size": 8},
-                      cache={"enabled": True, "views": 3, "spatial": True, "shard_size": 20},
-                      augment={"p_mask": 0.0, "views": 2})
+    cfg = tiny_config(
+        tmp_path / "run",
+        [str(images)],
+        data={"max_images": 48, "holdout": 0, "batch_size": 8},
+        cache={"enabled": True, "views": 3, "spatial": True, "shard_size": 20},
+        augment={"p_mask": 0.0, "views": 2},
+    )
     d = Distiller(cfg)
     batch = next(iter(d.data.loader))
     assert "teacher" not in batch  # the live teacher view is not even decoded
@@ -165,17 +170,41 @@ def test_training_from_a_view_cache_replays_the_stored_view_on_the_students_inpu
     assert {"loss_embed", "loss_gl", "loss_pca_attention"} <= metrics.keys()
 
 
-def test_cli_refuses_a_cache_built_for_another_teacher_with_one_line_and_exit_2(tmp_path, images, capsys, fresh_logging):
+def test_cli_refuses_a_cache_built_for_another_teacher_with_one_line_and_exit_2(
+    tmp_path, images, capsys, fresh_logging
+):
     from retrofit_agent.train.cli import main
 
     data = tmp_path / "data"
     data.mkdir()
     for p in sorted(images.iterdir())[:40]:
         (data / p.name).symlink_to(p)
-    args = ["distill", "--config", str(TINY), "--out", str(tmp_path / "run"), "--no-progress", "--max-steps", "1",
-            "--set", f'data.train=["{data}"]', "--set", "data.holdout=8", "--set", "data.batch_size=8",
-            "--set", "cache.enabled=true", "--set", "loss.pca_attention=0", "--set", "loss.pca_value=0", "--set", "loss.gl=0",
-            "--set", f"bank.prompts_file={REPO / 'models' / 'prompts' / 'automotive.toml'}"]
+    args = [
+        "distill",
+        "--config",
+        str(TINY),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--max-steps",
+        "1",
+        "--set",
+        f'data.train=["{data}"]',
+        "--set",
+        "data.holdout=8",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "cache.enabled=true",
+        "--set",
+        "loss.pca_attention=0",
+        "--set",
+        "loss.pca_value=0",
+        "--set",
+        "loss.gl=0",
+        "--set",
+        f"bank.prompts_file={REPO / 'models' / 'prompts' / 'automotive.toml'}",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     assert main([*args, "--set", "teacher.seed=1"]) == 2

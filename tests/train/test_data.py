@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,13 @@ from retrofit_agent.contract.bundle import InputSpec  # noqa: E402
 from retrofit_agent.contract.errors import ConfigError  # noqa: E402
 from retrofit_agent.contract.preprocess import Preprocessor  # noqa: E402
 from retrofit_agent.train.data import (  # noqa: E402
-    DistillDataset, EpochBatchSampler, Skipped, collate, expand_pattern, index_sources, split_holdout,
+    DistillDataset,
+    EpochBatchSampler,
+    Skipped,
+    collate,
+    expand_pattern,
+    index_sources,
+    split_holdout,
 )
 from retrofit_agent.train.synthetic import write_images  # noqa: E402
 
@@ -53,7 +58,9 @@ def test_webdataset_shards_with_brace_patterns_read_the_same_pixels(tmp_path: Pa
     paths = write_images(tmp_path / "src", 5, seed=3)
     _shard(tmp_path / "train-000.tar", paths[:3])
     _shard(tmp_path / "train-001.tar", paths[3:])
-    assert expand_pattern(str(tmp_path / "train-{000..001}.tar")) == [str(tmp_path / f"train-00{i}.tar") for i in (0, 1)]
+    assert expand_pattern(str(tmp_path / "train-{000..001}.tar")) == [
+        str(tmp_path / f"train-00{i}.tar") for i in (0, 1)
+    ]
     refs = index_sources([str(tmp_path / "train-{000..001}.tar")])
     assert len(refs) == 5  # one image per sample; the .json members are not images
     ds = DistillDataset(refs, STUDENT, None)

@@ -17,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from offdevice import MESSAGE, OffCpu, off_cpu  # noqa: E402
-from train_helpers import REPO, images, tiny_config  # noqa: E402,F401  (images is a fixture)
 
 from retrofit_agent.contract.prompts import load_prompts  # noqa: E402
 from retrofit_agent.train.student import Student  # noqa: E402
 from retrofit_agent.train.teacher import Teacher  # noqa: E402
+from train_helpers import REPO, images, tiny_config  # noqa: E402,F401  (images is a fixture)
 
 pytestmark = [pytest.mark.train]
 PROMPTS = REPO / "models" / "prompts" / "automotive.toml"
@@ -30,8 +30,10 @@ PROMPTS = REPO / "models" / "prompts" / "automotive.toml"
 @pytest.fixture
 def outputs_off_cpu(monkeypatch):
     """Every teacher and student output behaves like a CUDA tensor."""
-    for cls, names in ((Teacher, ("encode_image", "encode_text", "forward_features")),
-                       (Student, ("forward", "forward_with_features"))):
+    for cls, names in (
+        (Teacher, ("encode_image", "encode_text", "forward_features")),
+        (Student, ("forward", "forward_with_features")),
+    ):
         for name in names:
             real = getattr(cls, name)
             monkeypatch.setattr(cls, name, lambda self, *a, _real=real, **k: off_cpu(_real(self, *a, **k)))
@@ -61,12 +63,19 @@ def test_the_text_bank_is_built_from_device_embeddings(outputs_off_cpu):
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["live-teacher", "teacher-cache"])
-def test_a_training_step_and_evaluation_keep_device_tensors_on_the_device(tmp_path: Path, images: Path, outputs_off_cpu, cached):
+def test_a_training_step_and_evaluation_keep_device_tensors_on_the_device(
+    tmp_path: Path, images: Path, outputs_off_cpu, cached
+):
     from retrofit_agent.train.engine import Distiller
 
-    cfg = tiny_config(tmp_path / "run", [str(images)], data={"max_images": 48, "holdout": 16, "batch_size": 8},
-                      cache={"enabled": cached, "views": 2, "spatial": True, "shard_size": 20},
-                      optim={"max_steps": 2}, run={"eval_every": 1, "checkpoint_every": 1, "log_every": 1})
+    cfg = tiny_config(
+        tmp_path / "run",
+        [str(images)],
+        data={"max_images": 48, "holdout": 16, "batch_size": 8},
+        cache={"enabled": cached, "views": 2, "spatial": True, "shard_size": 20},
+        optim={"max_steps": 2},
+        run={"eval_every": 1, "checkpoint_every": 1, "log_every": 1},
+    )
     summary = Distiller(cfg).fit()
     assert summary["steps"] == 2 and summary["final"]["heldout_top1_agreement"] >= 0
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -78,10 +87,16 @@ def test_a_training_step_and_evaluation_keep_device_tensors_on_the_device(tmp_pa
 def test_cuda_smoke_one_step_with_bf16_autocast_and_gradient_checkpointing(tmp_path: Path, images: Path, cached):
     from retrofit_agent.train.engine import Distiller
 
-    cfg = tiny_config(tmp_path / "run", [str(images)], data={"max_images": 48, "holdout": 16, "batch_size": 8},
-                      student={"grad_checkpointing": True}, bank={"prompts_file": str(PROMPTS)},
-                      cache={"enabled": cached, "views": 2, "spatial": True, "shard_size": 20},
-                      optim={"max_steps": 1}, run={"device": "cuda", "precision": "bf16", "eval_every": 1})
+    cfg = tiny_config(
+        tmp_path / "run",
+        [str(images)],
+        data={"max_images": 48, "holdout": 16, "batch_size": 8},
+        student={"grad_checkpointing": True},
+        bank={"prompts_file": str(PROMPTS)},
+        cache={"enabled": cached, "views": 2, "spatial": True, "shard_size": 20},
+        optim={"max_steps": 1},
+        run={"device": "cuda", "precision": "bf16", "eval_every": 1},
+    )
     d = Distiller(cfg)
     assert d.device.type == "cuda" and d.precision.dtype == torch.bfloat16 and d.student.backbone.grad_checkpointing
     assert d.bank.embeddings.device.type == "cuda"

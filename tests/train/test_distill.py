@@ -17,9 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
-
 from retrofit_agent.train.engine import Distiller  # noqa: E402
+from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
 
 pytestmark = [pytest.mark.train]
 
@@ -35,11 +34,13 @@ def test_student_learns_the_teacher_with_every_loss_part(tmp_path: Path, images:
     summary = Distiller(cfg).fit()
     first, last = summary["initial"], summary["final"]
     with capsys.disabled():
-        print(f"\n[distill] cosine {first['heldout_cosine']:.3f} -> {last['heldout_cosine']:.3f} "
-              f"(constant baseline {last['heldout_cosine_constant_baseline']:.3f}); top-1 agreement "
-              f"{first['heldout_top1_agreement']:.3f} -> {last['heldout_top1_agreement']:.3f} "
-              f"(constant baseline {last['heldout_top1_constant_baseline']:.3f}); centred cosine "
-              f"{first['heldout_centred_cosine']:.3f} -> {last['heldout_centred_cosine']:.3f}")
+        print(
+            f"\n[distill] cosine {first['heldout_cosine']:.3f} -> {last['heldout_cosine']:.3f} "
+            f"(constant baseline {last['heldout_cosine_constant_baseline']:.3f}); top-1 agreement "
+            f"{first['heldout_top1_agreement']:.3f} -> {last['heldout_top1_agreement']:.3f} "
+            f"(constant baseline {last['heldout_top1_constant_baseline']:.3f}); centred cosine "
+            f"{first['heldout_centred_cosine']:.3f} -> {last['heldout_centred_cosine']:.3f}"
+        )
     assert last["heldout_cosine"] > first["heldout_cosine"] + 0.5
     assert last["heldout_cosine"] > last["heldout_cosine_constant_baseline"]
     assert last["heldout_centred_cosine"] > first["heldout_centred_cosine"] + 0.4
@@ -48,8 +49,18 @@ def test_student_learns_the_teacher_with_every_loss_part(tmp_path: Path, images:
     # must also get the other images right: at most 60 % of the constant's disagreements.
     assert 1 - last["heldout_top1_agreement"] <= 0.6 * (1 - last["heldout_top1_constant_baseline"])
     train = _metrics(tmp_path / "run", "train")
-    parts = {"loss_embed", "loss_affinity", "loss_pca_attention", "loss_pca_value",
-             "loss_gl", "loss_adversarial", "loss_discriminator", "lr", "images_per_s", "loss"}
+    parts = {
+        "loss_embed",
+        "loss_affinity",
+        "loss_pca_attention",
+        "loss_pca_value",
+        "loss_gl",
+        "loss_adversarial",
+        "loss_discriminator",
+        "lr",
+        "images_per_s",
+        "loss",
+    }
     assert parts <= train[-1].keys()
     assert train[-1]["loss"] < train[0]["loss"] / 2
     assert 0.3 < sum(l["pca_substitution_rate"] for l in train) / len(train) < 0.7
@@ -68,8 +79,12 @@ def test_student_learns_the_teacher_with_every_loss_part(tmp_path: Path, images:
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path: Path, images: Path):
-    sections = dict(optim={"max_steps": 8, "warmup_steps": 3}, run={"log_every": 1, "checkpoint_every": 4, "eval_every": 100},
-                    data={"max_images": 200, "batch_size": 16}, augment={"views": 2})
+    sections = dict(
+        optim={"max_steps": 8, "warmup_steps": 3},
+        run={"log_every": 1, "checkpoint_every": 4, "eval_every": 100},
+        data={"max_images": 200, "batch_size": 16},
+        augment={"views": 2},
+    )
     Distiller(tiny_config(tmp_path / "a", [str(images)], **sections)).fit()
     first = Distiller(tiny_config(tmp_path / "b", [str(images)], **sections)).fit(until_step=4)
     assert first["interrupted"] and (tmp_path / "b" / "checkpoints" / "last").exists()
@@ -86,8 +101,14 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path: Path, images: Path
 
 
 def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retrofit_agent.train.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "retrofit_agent.train.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.slow
@@ -98,10 +119,32 @@ def test_cli_distills_from_the_teacher_cache_and_skips_a_corrupt_image(tmp_path:
         (data / p.name).symlink_to(p)
     (data / "zz-corrupt.jpg").write_bytes(b"\xff\xd8 truncated garbage")
     out = tmp_path / "run"
-    args = ["distill", "--config", str(TINY), "--out", str(out), "--no-progress", "--max-steps", "15",
-            "--set", f'data.train=["{data}"]', "--set", "data.holdout=32", "--set", "cache.enabled=true",
-            "--set", "cache.shard_size=50", "--set", "loss.pca_attention=0", "--set", "loss.pca_value=0", "--set", "loss.gl=0",
-            "--log-format", "json"]
+    args = [
+        "distill",
+        "--config",
+        str(TINY),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--max-steps",
+        "15",
+        "--set",
+        f'data.train=["{data}"]',
+        "--set",
+        "data.holdout=32",
+        "--set",
+        "cache.enabled=true",
+        "--set",
+        "cache.shard_size=50",
+        "--set",
+        "loss.pca_attention=0",
+        "--set",
+        "loss.pca_value=0",
+        "--set",
+        "loss.gl=0",
+        "--log-format",
+        "json",
+    ]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x faster" in r.stdout and "teacher cache:" in r.stdout
@@ -121,13 +164,23 @@ def test_cli_distills_from_the_teacher_cache_and_skips_a_corrupt_image(tmp_path:
 
 def test_cli_rejects_bad_config_with_one_line_and_exit_2(tmp_path: Path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[optim]\nlr = -1\n')
+    bad.write_text("[optim]\nlr = -1\n")
     cases = {
         ("--config", str(bad)): "optim.lr",
         ("--config", str(TINY), "--set", "loss.nope=1"): "loss.nope: unknown setting",
         ("--config", str(TINY), "--set", "cache.enabled=true"): "cache.enabled stores final embeddings only",
-        ("--config", str(TINY), "--set", "cache.enabled=true", "--set", "cache.spatial=true", "--set", "cache.views=2",
-         "--set", "augment.teacher_view=clean"): "cache.views > 1 needs augment.teacher_view",
+        (
+            "--config",
+            str(TINY),
+            "--set",
+            "cache.enabled=true",
+            "--set",
+            "cache.spatial=true",
+            "--set",
+            "cache.views=2",
+            "--set",
+            "augment.teacher_view=clean",
+        ): "cache.views > 1 needs augment.teacher_view",
         ("--config", str(TINY), "--set", "teacher.layer=[]"): "teacher.layer",
         ("--config", str(TINY), "--set", "augment.teacher_view=both"): "augment.teacher_view",
         ("--config", str(tmp_path / "missing.toml")): "config file not found",
@@ -150,15 +203,17 @@ def test_after_a_student_step_only_the_student_and_projectors_have_learnt(tmp_pa
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
     assert not d.bank.embeddings.requires_grad and d.bank.embeddings.grad is None
     changed = {n for n, p in d.models.trainable.named_parameters() if not torch.equal(p, before[n])}
-    assert any(n.startswith("student.backbone.") for n in changed) and any(n.startswith("student.head.") for n in changed)
+    assert any(n.startswith("student.backbone.") for n in changed) and any(
+        n.startswith("student.head.") for n in changed
+    )
     assert any(n.startswith("loss.pca.") for n in changed) and any(n.startswith("loss.gl.") for n in changed)
     d.disc_step(views, d.student(views.student).detach())
     assert not all(torch.equal(p, disc_before[n]) for n, p in d.disc.named_parameters())  # then it learns on its own
 
 
 def test_weight_decay_spares_every_bias_and_norm_weight():
-    from retrofit_agent.train.losses import DistillLoss, SpatialShape
     from retrofit_agent.train.config import LossConfig, ProjectorConfig
+    from retrofit_agent.train.losses import DistillLoss, SpatialShape
     from retrofit_agent.train.projectors import Discriminator
     from retrofit_agent.train.setup import param_groups
     from retrofit_agent.train.student import Student
@@ -175,12 +230,17 @@ def test_weight_decay_spares_every_bias_and_norm_weight():
     assert all(n.endswith("bias") or ".bn" in n or "norm" in n for n in spared), sorted(spared)
     assert not any(n.endswith("bias") for n in decayed)
     assert any(".bn1.weight" in n for n in spared)  # BatchNorm weights
-    assert "loss.gl.0.weight" in decayed and "student.head.net.0.weight" in decayed and "loss.pca.0.qkv.0.weight" in decayed
+    assert (
+        "loss.gl.0.weight" in decayed
+        and "student.head.net.0.weight" in decayed
+        and "loss.pca.0.qkv.0.weight" in decayed
+    )
     assert len(spared) + len(decayed) == len(names)
 
 
-def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(tmp_path: Path, images: Path, capsys, monkeypatch,
-                                                                        fresh_logging):
+def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(
+    tmp_path: Path, images: Path, capsys, monkeypatch, fresh_logging
+):
     import open_clip
 
     from retrofit_agent.train.cli import main
@@ -191,8 +251,20 @@ def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(tmp_path
     cfg["vision_cfg"]["qk_norm"] = True
     (configs / "qknorm-micro-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(configs)
-    args = ["distill", "--config", str(TINY), "--out", str(tmp_path / "run"), "--no-progress", "--max-steps", "1",
-            "--set", f'data.train=["{images}"]', "--set", "teacher.model=qknorm-micro-clip"]
+    args = [
+        "distill",
+        "--config",
+        str(TINY),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--max-steps",
+        "1",
+        "--set",
+        f'data.train=["{images}"]',
+        "--set",
+        "teacher.model=qknorm-micro-clip",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "uses QK-norm" in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -1,6 +1,5 @@
 """Evaluation metrics and the Cityscapes converter on fixtures with hand-computable answers."""
 
-import json
 from pathlib import Path
 
 import cv2
@@ -8,8 +7,14 @@ import numpy as np
 import pytest
 
 from retrofit_agent.train.evaluate import (
-    CITYSCAPES_EVAL, auroc, auroc_chart, auroc_table, cityscapes_index, evaluate_multi_label,
-    evaluate_single_label, mean_auroc, per_class_auroc, topk_accuracy,
+    auroc,
+    auroc_chart,
+    auroc_table,
+    cityscapes_index,
+    evaluate_multi_label,
+    evaluate_single_label,
+    mean_auroc,
+    topk_accuracy,
 )
 
 pytestmark = pytest.mark.train
@@ -34,7 +39,10 @@ def test_topk():
 
 def write_cityscapes(root: Path) -> None:
     """Two images in Cityscapes' layout with known classes present."""
-    for city, stem, ids in (("aachen", "aachen_000000_000019", [7, 26, 23]), ("bremen", "bremen_000001_000019", [7, 24, 0, 1])):
+    for city, stem, ids in (
+        ("aachen", "aachen_000000_000019", [7, 26, 23]),
+        ("bremen", "bremen_000001_000019", [7, 24, 0, 1]),
+    ):
         label = np.zeros((64, 128), np.uint8)
         for k, i in enumerate(ids):
             label[:, k * 20 : (k + 1) * 20] = i

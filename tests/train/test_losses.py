@@ -15,11 +15,29 @@ torch = pytest.importorskip("torch")
 
 from retrofit_agent.train.config import LossConfig, ProjectorConfig  # noqa: E402
 from retrofit_agent.train.losses import (  # noqa: E402
-    DistillLoss, SpatialShape, StudentOutput, affinity_kl, embed_cosine, embedding_weight, gl_loss, grouped_kl,
+    DistillLoss,
+    SpatialShape,
+    StudentOutput,
+    affinity_kl,
+    embed_cosine,
+    embedding_weight,
+    gl_loss,
+    grouped_kl,
 )
 from retrofit_agent.train.projectors import (  # noqa: E402
-    Discriminator, GLProjector, PCAProjector, adversarial_loss, attention_map, attention_output, discriminator_loss, mse,
-    pca_losses, ramp, relation_loss, resample_map, value_relation,
+    Discriminator,
+    GLProjector,
+    PCAProjector,
+    adversarial_loss,
+    attention_map,
+    attention_output,
+    discriminator_loss,
+    mse,
+    pca_losses,
+    ramp,
+    relation_loss,
+    resample_map,
+    value_relation,
 )
 from retrofit_agent.train.teacher import LayerFeatures, TeacherFeatures  # noqa: E402
 from retrofit_agent.train.zeroshot import ZeroShotBank  # noqa: E402
@@ -55,7 +73,9 @@ def test_embedding_cosine_on_vectors_at_known_angles():
     assert embed_cosine(a, -a).item() == pytest.approx(2.0)
     assert embed_cosine(a, torch.tensor([[0.5, math.sqrt(3) / 2]])).item() == pytest.approx(0.5)  # 60°
     # Mean over the batch: rows at 0° and 90°.
-    assert embed_cosine(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(0.5)
+    assert embed_cosine(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ).item() == pytest.approx(0.5)
 
 
 def test_l2_on_unit_vectors_is_twice_the_cosine_term_so_it_is_merged_into_its_weight():
@@ -116,7 +136,9 @@ def test_affinity_text_to_image_direction_on_two_images():
 
 def test_affinity_is_float32_under_bf16_autocast_near_convergence():
     t = _unit(32, 64, seed=5)
-    s = torch.nn.functional.normalize(t + 0.001 * torch.randn(32, 64, generator=torch.Generator().manual_seed(6)), dim=-1)
+    s = torch.nn.functional.normalize(
+        t + 0.001 * torch.randn(32, 64, generator=torch.Generator().manual_seed(6)), dim=-1
+    )
     bank = _bank(_unit(12, 64, seed=7), ["a"] * 4 + ["b"] * 4 + ["c"] * 4)
     exact = affinity_kl(s, t, bank, 100.0).item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -125,8 +147,10 @@ def test_affinity_is_float32_under_bf16_autocast_near_convergence():
     assert naive_logits[0].dtype == torch.bfloat16
     naive = grouped_kl(naive_logits[0].float(), naive_logits[1].float(), bank.groups).item()
     exact_i2t = grouped_kl(100.0 * s @ bank.embeddings.T, 100.0 * t @ bank.embeddings.T, bank.groups).item()
-    print(f"[affinity] image→text KL near convergence: fp32 {exact_i2t:.3g}, bf16 logits {naive:.3g} "
-          f"({abs(naive - exact_i2t) / exact_i2t:.0%} off)")
+    print(
+        f"[affinity] image→text KL near convergence: fp32 {exact_i2t:.3g}, bf16 logits {naive:.3g} "
+        f"({abs(naive - exact_i2t) / exact_i2t:.0%} off)"
+    )
     assert under == pytest.approx(exact, rel=1e-6)
     assert abs(naive - exact_i2t) / exact_i2t > 0.05  # why it matters: bf16 logits are far off here
 
@@ -149,11 +173,13 @@ def test_attention_map_scales_by_the_square_root_of_the_head_dim():
     torch.testing.assert_close(a[0, 0], expected)
     # A 2-dim head: logits 1/√2.
     d2 = attention_map(torch.eye(2).view(1, 1, 2, 2), torch.eye(2).view(1, 1, 2, 2))[0, 0, 0, 0].item()
-    assert d2 == pytest.approx(math.exp(2 ** -0.5) / (math.exp(2 ** -0.5) + 1))
+    assert d2 == pytest.approx(math.exp(2**-0.5) / (math.exp(2**-0.5) + 1))
 
 
 def test_attention_output_and_value_relation_by_hand():
-    v = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0]]).view(1, 1, 4, 4)
+    v = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0]]).view(
+        1, 1, 4, 4
+    )
     out = attention_output(_eye(), _eye(), v)[0, 0]
     # Row 0: DIAG·v0 + OFF·(v1 + v2 + v3).
     torch.testing.assert_close(out[0], torch.tensor([DIAG, 2 * OFF, 0.0, 4 * OFF]))
@@ -172,7 +198,9 @@ def test_pca_paper_terms_by_hand():
     # The value term uses the projector's own V, not the substituted one.
     own = pca_losses(zero, zero, _eye(), _eye(), _eye(), _eye(), "paper", student_v=zero)
     assert own["pca_value"].item() == pytest.approx(1 / 16, rel=1e-6)
-    assert own["pca_attention"].item() == pytest.approx(mse(attention_output(zero, zero, _eye()), attention_output(_eye(), _eye(), _eye())).item())
+    assert own["pca_attention"].item() == pytest.approx(
+        mse(attention_output(zero, zero, _eye()), attention_output(_eye(), _eye(), _eye())).item()
+    )
 
 
 def test_pca_maps_terms_by_hand():
@@ -304,8 +332,12 @@ def _features(q: torch.Tensor, tokens: torch.Tensor, n: int = 1) -> TeacherFeatu
 
 
 def test_distill_loss_total_is_the_weighted_sum_of_its_parts():
-    cfg = LossConfig(embed_l2=0.5, embed_cosine=1.0, affinity=2.0, pca_attention=3.0, pca_value=0.0, gl=4.0, adversarial=0.0)
-    loss = DistillLoss(cfg, ProjectorConfig(gl_dropout=0.0, pca_substitute_p=0.0), SpatialShape(3, 4, 2, (2, 2), 2), 10.0)
+    cfg = LossConfig(
+        embed_l2=0.5, embed_cosine=1.0, affinity=2.0, pca_attention=3.0, pca_value=0.0, gl=4.0, adversarial=0.0
+    )
+    loss = DistillLoss(
+        cfg, ProjectorConfig(gl_dropout=0.0, pca_substitute_p=0.0), SpatialShape(3, 4, 2, (2, 2), 2), 10.0
+    )
     assert len(loss.pca) == 2 and len(loss.gl) == 2  # one projector pair per teacher block
     bank = _bank(_unit(4, 4, seed=12), ["a", "a", "b", "b"])
     teacher = _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4), n=2)
@@ -314,22 +346,30 @@ def test_distill_loss_total_is_the_weighted_sum_of_its_parts():
     assert set(parts) == {"embed", "affinity", "pca_attention", "pca_value", "gl", "total"}
     expected = 2.0 * parts["embed"] + 2.0 * parts["affinity"] + 3.0 * parts["pca_attention"] + 4.0 * parts["gl"]
     assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert parts["affinity"].item() == pytest.approx(affinity_kl(student.embedding, teacher.embedding, bank, 10.0).item())
+    assert parts["affinity"].item() == pytest.approx(
+        affinity_kl(student.embedding, teacher.embedding, bank, 10.0).item()
+    )
     per_block = [gl_loss(g(student.feature_map), teacher.patch(lf.tokens)) for g, lf in zip(loss.gl, teacher.layers)]
     assert parts["gl"].item() == pytest.approx(sum(p.item() for p in per_block) / 2, rel=1e-6)
-    flat = DistillLoss(cfg.model_copy(update={"affinity_softmax": "flat"}), ProjectorConfig(), SpatialShape(3, 4, 2, (2, 2), 1), 10.0)
-    assert flat(student, _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4)), bank)["affinity"].item() == pytest.approx(
-        affinity_kl(student.embedding, teacher.embedding, bank.flat(), 10.0).item())
+    flat = DistillLoss(
+        cfg.model_copy(update={"affinity_softmax": "flat"}), ProjectorConfig(), SpatialShape(3, 4, 2, (2, 2), 1), 10.0
+    )
+    assert flat(student, _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4)), bank)[
+        "affinity"
+    ].item() == pytest.approx(affinity_kl(student.embedding, teacher.embedding, bank.flat(), 10.0).item())
 
 
 def test_distill_loss_temperature_overrides_the_teachers_logit_scale():
     assert DistillLoss(LossConfig(), ProjectorConfig(), None, 14.0).logit_scale == 14.0
-    assert DistillLoss(LossConfig(affinity_temperature=0.05), ProjectorConfig(), None, 14.0).logit_scale == pytest.approx(20.0)
+    assert DistillLoss(
+        LossConfig(affinity_temperature=0.05), ProjectorConfig(), None, 14.0
+    ).logit_scale == pytest.approx(20.0)
     with pytest.raises(ValueError, match="spatial shape"):
         DistillLoss(LossConfig(gl=1.0), ProjectorConfig(), None, 14.0)
     with pytest.raises(ValueError, match="teacher's tokens"):
         DistillLoss(LossConfig(gl=1.0), ProjectorConfig(), SpatialShape(3, 4, 2, (2, 2), 1), 1.0)(
-            StudentOutput(_unit(2, 4)), _unit(2, 4), None)
+            StudentOutput(_unit(2, 4)), _unit(2, 4), None
+        )
 
 
 def test_distill_loss_without_a_bank_or_weights_leaves_those_parts_out():
@@ -352,7 +392,9 @@ def _constant_discriminator(logit: float) -> Discriminator:
 def test_discriminator_and_adversarial_losses_at_a_fixed_logit(x):
     d, e = _constant_discriminator(x), _unit(32, 8)
     # Real (teacher, label 1) at logit x: log1p(e^-x); fake (student, label 0): log1p(e^x).
-    assert discriminator_loss(d, e, e).item() == pytest.approx(math.log1p(math.exp(-x)) + math.log1p(math.exp(x)), rel=1e-6)
+    assert discriminator_loss(d, e, e).item() == pytest.approx(
+        math.log1p(math.exp(-x)) + math.log1p(math.exp(x)), rel=1e-6
+    )
     assert adversarial_loss(d, e).item() == pytest.approx(math.log1p(math.exp(-x)), rel=1e-6)
 
 
@@ -424,7 +466,9 @@ def test_pca_projector_uses_its_form_and_its_own_v_for_the_value_term():
     assert parts["pca_value"].item() > 0  # not the substituted (teacher's) V, which would give 0
     maps = PCAProjector(3, width=8, heads=2, substitute_p=0.0, form="maps").train()
     q, k, v = maps.project(fmap, (4, 4))
-    assert maps(fmap, *t, (4, 4))["pca_attention"].item() == pytest.approx(pca_losses(q, k, v, *t, "maps")["pca_attention"].item())
+    assert maps(fmap, *t, (4, 4))["pca_attention"].item() == pytest.approx(
+        pca_losses(q, k, v, *t, "maps")["pca_attention"].item()
+    )
 
 
 def test_gl_projector_defaults_to_4x4_groups_and_a_linear_layers_init():
@@ -479,12 +523,19 @@ def test_grouped_kl_averages_over_images():
 
 
 def _one_layer_loss(**loss) -> DistillLoss:
-    return DistillLoss(LossConfig(**{"embed_l2": 0.0, "embed_cosine": 0.0, "affinity": 0.0, **loss}), ProjectorConfig(),
-                       SpatialShape(3, 4, 2, (2, 2), 1), 1.0)
+    return DistillLoss(
+        LossConfig(**{"embed_l2": 0.0, "embed_cosine": 0.0, "affinity": 0.0, **loss}),
+        ProjectorConfig(),
+        SpatialShape(3, 4, 2, (2, 2), 1),
+        1.0,
+    )
 
 
 def test_each_part_is_on_for_any_positive_weight_and_off_at_zero():
-    student, teacher = StudentOutput(_unit(2, 4, seed=1), torch.randn(2, 3, 2, 2)), _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4))
+    student, teacher = (
+        StudentOutput(_unit(2, 4, seed=1), torch.randn(2, 3, 2, 2)),
+        _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4)),
+    )
     bank = _bank(_unit(2, 4, seed=2), ["a", "b"])
     assert "embed" in _one_layer_loss(embed_cosine=0.5)(student, teacher, bank)
     assert "affinity" in _one_layer_loss(affinity=0.5)(student, teacher, bank)
@@ -494,17 +545,31 @@ def test_each_part_is_on_for_any_positive_weight_and_off_at_zero():
 
 
 def test_projector_settings_reach_every_pca_projector():
-    loss = DistillLoss(LossConfig(pca_attention=1.0), ProjectorConfig(pca_granularity="matrix", pca_form="maps", pca_substitute_p=0.25),
-                       SpatialShape(3, 4, 2, (2, 2), 2), 1.0)
+    loss = DistillLoss(
+        LossConfig(pca_attention=1.0),
+        ProjectorConfig(pca_granularity="matrix", pca_form="maps", pca_substitute_p=0.25),
+        SpatialShape(3, 4, 2, (2, 2), 2),
+        1.0,
+    )
     assert [(p.granularity, p.form, p.substitute_p) for p in loss.pca] == [("matrix", "maps", 0.25)] * 2
 
 
 def test_pca_parts_are_the_mean_over_teacher_blocks_on_the_configured_grid():
     cfg = LossConfig(embed_l2=0, embed_cosine=0, affinity=0, pca_attention=1.0, pca_value=1.0)
     loss = DistillLoss(cfg, ProjectorConfig(pca_substitute_p=0.0), SpatialShape(3, 4, 2, (2, 2), 2), 1.0)
-    teacher = TeacherFeatures(embedding=_unit(2, 4), grid=(2, 2), layers=tuple(
-        LayerFeatures(tokens=torch.randn(2, 4, 4), q=torch.randn(2, 2, 4, 2), k=torch.randn(2, 2, 4, 2), v=torch.randn(2, 2, 4, 2))
-        for _ in range(2)))
+    teacher = TeacherFeatures(
+        embedding=_unit(2, 4),
+        grid=(2, 2),
+        layers=tuple(
+            LayerFeatures(
+                tokens=torch.randn(2, 4, 4),
+                q=torch.randn(2, 2, 4, 2),
+                k=torch.randn(2, 2, 4, 2),
+                v=torch.randn(2, 2, 4, 2),
+            )
+            for _ in range(2)
+        ),
+    )
     fmap = torch.randn(2, 3, 2, 2)
     parts = loss(StudentOutput(_unit(2, 4, seed=3), fmap), teacher, None)
     per = [p(fmap, lf.q, lf.k, lf.v, (2, 2)) for p, lf in zip(loss.pca, teacher.layers)]
@@ -515,7 +580,9 @@ def test_pca_parts_are_the_mean_over_teacher_blocks_on_the_configured_grid():
 def test_adversarial_part_uses_the_discriminator_and_the_ramped_weight():
     d, x = _constant_discriminator(2.0), 2.0
     student = StudentOutput(_unit(4, 8))
-    loss = DistillLoss(LossConfig(embed_l2=0, embed_cosine=0, affinity=0, adversarial=0.5), ProjectorConfig(), None, 1.0)
+    loss = DistillLoss(
+        LossConfig(embed_l2=0, embed_cosine=0, affinity=0, adversarial=0.5), ProjectorConfig(), None, 1.0
+    )
     parts = loss(student, _unit(4, 8, seed=1), None, d, 0.25)
     assert parts["adversarial"].item() == pytest.approx(math.log1p(math.exp(-x)), rel=1e-6)
     assert parts["total"].item() == pytest.approx(0.25 * math.log1p(math.exp(-x)), rel=1e-6)
@@ -531,6 +598,8 @@ def test_feature_losses_need_both_the_teachers_features_and_the_students_map():
     with pytest.raises(ValueError, match=message):
         loss(StudentOutput(_unit(2, 4), torch.randn(2, 3, 2, 2)), _unit(2, 4), None)  # a map, but no teacher tokens
     with pytest.raises(ValueError, match=message):
-        loss(StudentOutput(_unit(2, 4)), _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4)), None)  # tokens, no map
+        loss(
+            StudentOutput(_unit(2, 4)), _features(torch.randn(2, 2, 4, 2), torch.randn(2, 4, 4)), None
+        )  # tokens, no map
     with pytest.raises(ValueError, match=r"^PCA/GL losses need the spatial shape of student and teacher$"):
         DistillLoss(LossConfig(gl=1.0), ProjectorConfig(), None, 1.0)

@@ -68,7 +68,10 @@ def test_teacher_refuses_blocks_whose_qk_the_hooks_cannot_reproduce(teacher: Tea
     blocks = teacher.model.visual.transformer.resblocks
     original = blocks[-1]
     try:
-        for kwargs, why in (({"qk_norm": True}, "uses QK-norm"), ({"scale_cosine_attn": True}, "scaled cosine attention")):
+        for kwargs, why in (
+            ({"qk_norm": True}, "uses QK-norm"),
+            ({"scale_cosine_attn": True}, "scaled cosine attention"),
+        ):
             blocks[-1] = CustomResidualAttentionBlock(teacher.width, teacher.num_heads, **kwargs)
             with pytest.raises(ConfigError, match=why) as e:
                 teacher.check_spatial([-1], need_qk=True)
@@ -98,7 +101,10 @@ def test_open_clip_older_than_the_floor_is_refused_with_one_line(monkeypatch):
 
 
 def test_weights_hash_covers_every_weight_and_the_fingerprint_only_the_projections():
-    a, b = Teacher("retrofit-micro-clip", pretrained=None, seed=0), Teacher("retrofit-micro-clip", pretrained=None, seed=0)
+    a, b = (
+        Teacher("retrofit-micro-clip", pretrained=None, seed=0),
+        Teacher("retrofit-micro-clip", pretrained=None, seed=0),
+    )
     assert a.weights_sha256() == b.weights_sha256() and len(a.weights_sha256()) == 64
     with torch.no_grad():
         b.model.visual.transformer.resblocks[0].mlp.c_fc.weight[0, 0] += 1e-3
@@ -113,8 +119,18 @@ def test_teacher_view_uses_clip_normalisation_and_stretch(teacher: Teacher):
     spec = teacher.input_spec()
     assert (spec.height, spec.width) == (32, 32) and spec.resize == "stretch"
     assert spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    assert spec == InputSpec(name="teacher", height=32, width=32, layout="NCHW", dtype="float32", color="RGB",
-                             mean=teacher.mean, std=teacher.std, resize="stretch", interpolation="area")
+    assert spec == InputSpec(
+        name="teacher",
+        height=32,
+        width=32,
+        layout="NCHW",
+        dtype="float32",
+        color="RGB",
+        mean=teacher.mean,
+        std=teacher.std,
+        resize="stretch",
+        interpolation="area",
+    )
     assert teacher.encode_text(["a road", "rain"]).shape == (2, 64)
 
 
@@ -158,8 +174,11 @@ def test_augmentation_probabilities_and_determinism():
     assert 0 < unchanged < 16  # (1 - 0.5)^4 = 1/16 of images untouched on average
     off = Augmenter(AugmentConfig(p_color=0, p_crop=0, p_rotate=0, p_mask=0), mean=(0.5,) * 3, std=(0.25,) * 3)
     assert torch.equal(off(x, step_generator(0, 7, 0)), x)
-    mask_only = Augmenter(AugmentConfig(p_color=0, p_crop=0, p_rotate=0, p_mask=1, mask_patch=0.25, mask_ratio=0.25),
-                          mean=(0.5,) * 3, std=(0.25,) * 3)
+    mask_only = Augmenter(
+        AugmentConfig(p_color=0, p_crop=0, p_rotate=0, p_mask=1, mask_patch=0.25, mask_ratio=0.25),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
     zeros = (mask_only(x + 10, step_generator(0, 1, 0)) == 0).float().mean().item()
     assert zeros == pytest.approx(0.25, abs=0.01)  # 4 of 16 patches set to the mean colour
 
@@ -178,8 +197,13 @@ def test_one_view_renders_the_same_picture_in_either_models_normalisation_and_si
     from retrofit_agent.train.augment import Normalisation
 
     g = torch.Generator().manual_seed(0)
-    rgb = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")  # smooth scenes
-    imagenet, clip = Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), Normalisation((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    rgb = torch.nn.functional.interpolate(
+        torch.rand(8, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear"
+    )  # smooth scenes
+    imagenet, clip = (
+        Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        Normalisation((0.48, 0.46, 0.41), (0.27, 0.26, 0.28)),
+    )
     aug = Augmenter(AugmentConfig(p_color=1, p_crop=1, p_rotate=0, p_mask=0), imagenet.mean, imagenet.std)
     params = aug.sample(8, step_generator(0, 3, 0))
     assert params.color_on.all() and params.geometry_on.all()
@@ -209,12 +233,18 @@ def test_view_params_round_trip_and_identity_leaves_images_untouched():
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(aug.apply(x, ViewParams.identity(4), Normalisation((0.5,) * 3, (0.25,) * 3)), x)
     off = Augmenter(AugmentConfig(enabled=False), mean=(0.5,) * 3, std=(0.25,) * 3)
-    assert not off.sample(4, step_generator(0, 0, 0)).geometry_on.any() and off.sample_mask(4, step_generator(0, 0, 0)) is None
+    assert (
+        not off.sample(4, step_generator(0, 0, 0)).geometry_on.any()
+        and off.sample_mask(4, step_generator(0, 0, 0)) is None
+    )
 
 
 def test_masking_is_drawn_in_cells_of_the_image_side():
-    aug = Augmenter(AugmentConfig(p_color=0, p_crop=0, p_rotate=0, p_mask=1, mask_patch=0.25, mask_ratio=0.5),
-                    mean=(0.5,) * 3, std=(0.25,) * 3)
+    aug = Augmenter(
+        AugmentConfig(p_color=0, p_crop=0, p_rotate=0, p_mask=1, mask_patch=0.25, mask_ratio=0.5),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
     keep = aug.sample_mask(10, step_generator(0, 0, 0))
     assert keep.shape == (10, 4, 4) and (keep.flatten(1).sum(1) == 8).all()  # half of 16 cells kept
     x = aug.apply(torch.ones(10, 3, 20, 20), aug.sample(10, step_generator(0, 0, 0)), aug.norm, keep)
@@ -296,15 +326,27 @@ def _block(attn: bool = True, ln_1: bool = True) -> torch.nn.Module:
 def test_teachers_without_open_clip_attention_blocks_are_refused_with_one_line(teacher: Teacher):
     from retrofit_agent.contract.errors import ConfigError
 
-    not_vit = (r"^teacher 'retrofit-micro-clip' is not a ViT with open_clip attention blocks; the PCA/GL losses need one "
-               r"\(set loss.pca_attention, loss.pca_value and loss.gl to 0 to use the embedding and affinity losses only\)$")
-    for parts in ({"visual": False}, {"transformer": False}, {"blocks": None},
-                  {"blocks": torch.nn.ModuleList([_block(ln_1=False)])}, {"blocks": torch.nn.ModuleList([_block(attn=False)])}):
+    not_vit = (
+        r"^teacher 'retrofit-micro-clip' is not a ViT with open_clip attention blocks; the PCA/GL losses need one "
+        r"\(set loss.pca_attention, loss.pca_value and loss.gl to 0 to use the embedding and affinity losses only\)$"
+    )
+    for parts in (
+        {"visual": False},
+        {"transformer": False},
+        {"blocks": None},
+        {"blocks": torch.nn.ModuleList([_block(ln_1=False)])},
+        {"blocks": torch.nn.ModuleList([_block(attn=False)])},
+    ):
         with pytest.raises(ConfigError, match=not_vit):
             _stub_teacher(teacher, **parts).check_spatial([-1], need_qk=False)
-    with pytest.raises(ConfigError, match=r"^teacher 'retrofit-micro-clip': its transformer does not say whether it runs "
-                                          r"batch-first; upgrade open_clip_torch$"):
-        _stub_teacher(teacher, blocks=torch.nn.ModuleList([_block()]), batch_first=None).check_spatial([-1], need_qk=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher 'retrofit-micro-clip': its transformer does not say whether it runs "
+        r"batch-first; upgrade open_clip_torch$",
+    ):
+        _stub_teacher(teacher, blocks=torch.nn.ModuleList([_block()]), batch_first=None).check_spatial(
+            [-1], need_qk=False
+        )
     one = _stub_teacher(teacher, blocks=torch.nn.ModuleList([_block()]))  # a one-block ViT is fine
     one.check_spatial([0], need_qk=True)
     assert one.num_heads == 2
@@ -328,8 +370,11 @@ def test_attention_without_a_packed_in_projection_or_with_k_norm_only_is_refused
         block = _block()
         block.attn = attn
         t = _stub_teacher(Teacher("retrofit-micro-clip", pretrained=None, seed=0), blocks=torch.nn.ModuleList([block]))
-        with pytest.raises(ConfigError, match=rf"^teacher 'retrofit-micro-clip' block -1 {why}: the hooks cannot reproduce "
-                                              r"its Q/K; use another teacher or set loss.pca_attention and loss.pca_value to 0$"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^teacher 'retrofit-micro-clip' block -1 {why}: the hooks cannot reproduce "
+            r"its Q/K; use another teacher or set loss.pca_attention and loss.pca_value to 0$",
+        ):
             t.check_spatial([-1], need_qk=True)
 
     separate = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)  # separate Q/K/V weights

@@ -20,8 +20,13 @@ pytest.importorskip("torch")
 
 
 def model_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "retrofit_agent.train.cli", *args], capture_output=True, text=True,
-                       cwd=REPO, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "retrofit_agent.train.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
     assert r.returncode == 0, f"retrofit-model {args[0]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -31,18 +36,68 @@ def pipeline(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipeline")
     images = d / "images"
     model_cli("synth-images", "--out", str(images), "--count", "96")
-    model_cli("distill", "--config", str(REPO / "models/configs/tiny.toml"), "--out", str(d / "run"),
-              "--max-steps", "20", "--no-progress", "--set", f'data.train=["{images}"]', "--set", "data.holdout=16")
-    export = model_cli("export", "--checkpoint", str(d / "run" / "student.pt"), "--images", str(images),
-                       "--out", str(d / "student.fp32.onnx"), "--version", "0.0.1-test")
+    model_cli(
+        "distill",
+        "--config",
+        str(REPO / "models/configs/tiny.toml"),
+        "--out",
+        str(d / "run"),
+        "--max-steps",
+        "20",
+        "--no-progress",
+        "--set",
+        f'data.train=["{images}"]',
+        "--set",
+        "data.holdout=16",
+    )
+    export = model_cli(
+        "export",
+        "--checkpoint",
+        str(d / "run" / "student.pt"),
+        "--images",
+        str(images),
+        "--out",
+        str(d / "student.fp32.onnx"),
+        "--version",
+        "0.0.1-test",
+    )
     teacher = ["--teacher", "retrofit-micro-clip", "--pretrained", "none", "--seed", "0"]
-    model_cli("prompts", "--prompts", str(REPO / "models/prompts/automotive.toml"), *teacher, "--out", str(d / "bank.npz"))
-    quant = model_cli("quantize", "--fp32", str(d / "student.fp32.onnx"), "--calibration", str(images), "--count", "48",
-                      "--held-out", str(images), "--bank", str(d / "bank.npz"), "--exclude", "first_conv",
-                      "--out", str(d / "student.int8.onnx"), "--ort")
-    model_cli("bundle", "--model", str(d / "student.int8.onnx"), "--bank", str(d / "bank.npz"),
-              "--prompts", str(REPO / "models/prompts/automotive.toml"), "--name", "pipeline-test",
-              "--version", "0.0.1-test", "--out", str(d / "bundle"))
+    model_cli(
+        "prompts", "--prompts", str(REPO / "models/prompts/automotive.toml"), *teacher, "--out", str(d / "bank.npz")
+    )
+    quant = model_cli(
+        "quantize",
+        "--fp32",
+        str(d / "student.fp32.onnx"),
+        "--calibration",
+        str(images),
+        "--count",
+        "48",
+        "--held-out",
+        str(images),
+        "--bank",
+        str(d / "bank.npz"),
+        "--exclude",
+        "first_conv",
+        "--out",
+        str(d / "student.int8.onnx"),
+        "--ort",
+    )
+    model_cli(
+        "bundle",
+        "--model",
+        str(d / "student.int8.onnx"),
+        "--bank",
+        str(d / "bank.npz"),
+        "--prompts",
+        str(REPO / "models/prompts/automotive.toml"),
+        "--name",
+        "pipeline-test",
+        "--version",
+        "0.0.1-test",
+        "--out",
+        str(d / "bundle"),
+    )
     return {"dir": d, "images": images, "teacher": teacher, "export": export.stdout, "quantize": quant.stdout}
 
 
@@ -76,7 +131,9 @@ def test_bank_from_another_teacher_is_refused_by_the_daemon(pipeline, tmp_path, 
     bundle = tmp_path / "bundle"
     shutil.copytree(pipeline["dir"] / "bundle", bundle)
     other = ["--teacher", "retrofit-micro-clip", "--pretrained", "none", "--seed", "1"]
-    model_cli("prompts", "--prompts", str(REPO / "models/prompts/automotive.toml"), *other, "--out", str(bundle / "bank.npz"))
+    model_cli(
+        "prompts", "--prompts", str(REPO / "models/prompts/automotive.toml"), *other, "--out", str(bundle / "bank.npz")
+    )
     write_manifest(bundle, read_manifest(bundle))  # consistent hashes: only the embedding space differs
     r = run_cli("--camera", str(clip), "--bundle", str(bundle), "--no-metrics", "--publish", f"ipc://{tmp_path}/x.sock")
     assert r.returncode == 2 and "rebuild the bank with the model's teacher" in r.stderr
@@ -100,9 +157,20 @@ def test_evaluate_and_cityscapes_index_through_the_cli(pipeline, tmp_path):
     index = [json.loads(l) for l in (tmp_path / "index.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in index] == [["road", "sky", "car"], ["road", "person"]]
     d = pipeline["dir"]
-    r = model_cli("evaluate", "--bundle", str(d / "bundle"), "--fp32", str(d / "student.fp32.onnx"), *pipeline["teacher"],
-                  "--imagefolder", str(tmp_path / "folder"), "--multilabel", str(tmp_path / "index.jsonl"),
-                  "--out", str(tmp_path / "eval"))
+    r = model_cli(
+        "evaluate",
+        "--bundle",
+        str(d / "bundle"),
+        "--fp32",
+        str(d / "student.fp32.onnx"),
+        *pipeline["teacher"],
+        "--imagefolder",
+        str(tmp_path / "folder"),
+        "--multilabel",
+        str(tmp_path / "index.jsonl"),
+        "--out",
+        str(tmp_path / "eval"),
+    )
     single = json.loads((tmp_path / "eval" / "single_label.json").read_text())
     assert single["images"] == 8 and set(single["models"]) == {"teacher", "student_int8", "student_fp32"}
     assert 0 <= single["models"]["student_int8"]["top1_agreement_with_teacher"] <= 1
@@ -115,8 +183,27 @@ def test_evaluate_and_cityscapes_index_through_the_cli(pipeline, tmp_path):
 def test_evaluate_refuses_a_teacher_that_is_not_the_bundles(pipeline, tmp_path):
     d = pipeline["dir"]
     _write_folder(tmp_path / "folder")
-    r = subprocess.run([sys.executable, "-m", "retrofit_agent.train.cli", "evaluate", "--bundle", str(d / "bundle"),
-                        "--teacher", "retrofit-micro-clip", "--pretrained", "none", "--seed", "5",
-                        "--imagefolder", str(tmp_path / "folder"), "--out", str(tmp_path / "eval")],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retrofit_agent.train.cli",
+            "evaluate",
+            "--bundle",
+            str(d / "bundle"),
+            "--teacher",
+            "retrofit-micro-clip",
+            "--pretrained",
+            "none",
+            "--seed",
+            "5",
+            "--imagefolder",
+            str(tmp_path / "folder"),
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "is not the teacher of" in r.stderr and "Traceback" not in r.stderr

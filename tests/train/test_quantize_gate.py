@@ -1,6 +1,5 @@
 """Export parity, int8 quantization, node exclusion and the quality gate on a tiny student."""
 
-
 import numpy as np
 import pytest
 
@@ -9,9 +8,9 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from retrofit_agent.contract.bundle import TextBank  # noqa: E402
+from retrofit_agent.contract.embedder import Embedder  # noqa: E402
 from retrofit_agent.contract.preprocess import Preprocessor  # noqa: E402
 from retrofit_agent.contract.sample import read_clip_frames  # noqa: E402
-from retrofit_agent.contract.embedder import Embedder  # noqa: E402
 from retrofit_agent.train.export import INPUT_NAME, export_onnx, onnx_metadata, parity, student_input_spec  # noqa: E402
 from retrofit_agent.train.gate import QualityGateError, compare, enforce  # noqa: E402
 from retrofit_agent.train.quantize import QuantSettings, nodes_matching, quantize_int8, to_ort_format  # noqa: E402
@@ -68,8 +67,9 @@ def test_torch_fp32_onnx_and_int8_agree_on_the_same_frames(tiny):
     its user runs it (torch eval; the camera's Embedder for both ONNX files)."""
     d, pre = tiny["dir"], tiny["pre"]
     if not (d / "int8.onnx").exists():
-        quantize_int8(d / "fp32.onnx", d / "int8.onnx", INPUT_NAME, [pre(f) for f in tiny["frames"][0::2]],
-                      QuantSettings())
+        quantize_int8(
+            d / "fp32.onnx", d / "int8.onnx", INPUT_NAME, [pre(f) for f in tiny["frames"][0::2]], QuantSettings()
+        )
     x = pre.batch(tiny["frames"][1::2])
     with torch.no_grad():
         ref = tiny["student"].eval()(torch.from_numpy(x)).numpy()
@@ -78,7 +78,9 @@ def test_torch_fp32_onnx_and_int8_agree_on_the_same_frames(tiny):
     assert Embedder.from_onnx(d / "int8.onnx").spec.quantization.mode == "int8_static_qdq"
     assert np.abs(ref - fp32).max() <= 1e-4
     cos = (fp32 * int8).sum(axis=1)
-    print(f"torch↔fp32 max |diff| {np.abs(ref - fp32).max():.2e}; fp32↔int8 cosine mean {cos.mean():.4f} min {cos.min():.4f}")
+    print(
+        f"torch↔fp32 max |diff| {np.abs(ref - fp32).max():.2e}; fp32↔int8 cosine mean {cos.mean():.4f} min {cos.min():.4f}"
+    )
     assert cos.min() >= 0.95
 
 

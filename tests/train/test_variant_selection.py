@@ -27,16 +27,44 @@ def variant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     teacher = Teacher(TEACHER_NAME, pretrained=None, seed=0)
     torch.manual_seed(0)
     student = Student("efficientnet_b3", embed_dim=teacher.embed_dim).eval()
-    meta = onnx_metadata(student_input_spec(student), teacher.embed_dim, teacher.identity, teacher.fingerprint(),
-                         f"{__version__}-reference", "efficientnet_b3+mlp")
+    meta = onnx_metadata(
+        student_input_spec(student),
+        teacher.embed_dim,
+        teacher.identity,
+        teacher.fingerprint(),
+        f"{__version__}-reference",
+        "efficientnet_b3+mlp",
+    )
     fp32 = export_onnx(student, tmp / "student.fp32.onnx", meta)
     from retrofit_agent.train.cli import main
 
     out = tmp / "bundle"
-    code = main(["bundle", "--model", str(REFERENCE / "student.int8.onnx"), "--fp32", str(fp32),
-                 "--bank", str(REFERENCE / "bank.npz"), "--prompts", str(REPO / "models/prompts/automotive.toml"),
-                 "--name", "variants", "--version", "1", "--untrained", "--variants", "int8,fp32",
-                 "--held-out-clip", str(REPO / "models/sample/drive.mp4"), "--held-out-count", "16", "--out", str(out)])
+    code = main(
+        [
+            "bundle",
+            "--model",
+            str(REFERENCE / "student.int8.onnx"),
+            "--fp32",
+            str(fp32),
+            "--bank",
+            str(REFERENCE / "bank.npz"),
+            "--prompts",
+            str(REPO / "models/prompts/automotive.toml"),
+            "--name",
+            "variants",
+            "--version",
+            "1",
+            "--untrained",
+            "--variants",
+            "int8,fp32",
+            "--held-out-clip",
+            str(REPO / "models/sample/drive.mp4"),
+            "--held-out-count",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -83,8 +111,9 @@ def test_start_up_picks_the_faster_variant_within_the_tuning_budget(variant_bund
     assert pinned.candidate.variant == slower
 
 
-def test_the_daemon_reports_its_variant_in_status_and_metrics(variant_bundle: Path, clip: Path, start_agent,
-                                                             subscriber):
+def test_the_daemon_reports_its_variant_in_status_and_metrics(
+    variant_bundle: Path, clip: Path, start_agent, subscriber
+):
     agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(variant_bundle))
     sub = subscriber(agent.endpoint, ("status",))
     agent.wait_ready(60)

@@ -14,12 +14,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train_helpers import images, tiny_config  # noqa: E402,F401  (images is a fixture)
-
 from retrofit_agent.train.augment import Normalisation  # noqa: E402
 from retrofit_agent.train.engine import Distiller  # noqa: E402
 from retrofit_agent.train.losses import gl_loss  # noqa: E402
 from retrofit_agent.train.projectors import pca_losses  # noqa: E402
+from train_helpers import images, tiny_config  # noqa: E402,F401  (images is a fixture)
 
 pytestmark = [pytest.mark.train]
 
@@ -29,8 +28,14 @@ CROP_ONLY = {"p_color": 0.0, "p_crop": 1.0, "p_rotate": 0.0, "p_mask": 0.0}
 def _oracle_gap(tmp_path: Path, images: Path, teacher_view: str, overrides: dict | None = None) -> dict[str, float]:
     from retrofit_agent.contract.settings import deep_merge
 
-    sections = deep_merge({"augment": {**CROP_ONLY, "teacher_view": teacher_view}, "teacher": {"layer": [-1, -2]},
-                           "data": {"batch_size": 16, "max_images": 64, "holdout": 0}}, overrides or {})
+    sections = deep_merge(
+        {
+            "augment": {**CROP_ONLY, "teacher_view": teacher_view},
+            "teacher": {"layer": [-1, -2]},
+            "data": {"batch_size": 16, "max_images": 64, "holdout": 0},
+        },
+        overrides or {},
+    )
     cfg = tiny_config(tmp_path / teacher_view, [str(images)], **sections)
     d = Distiller(cfg)
     batch = next(iter(d.data.loader))
@@ -59,16 +64,22 @@ def test_with_one_view_for_both_an_exact_student_has_zero_spatial_loss(tmp_path:
     same = _oracle_gap(tmp_path, images, "same")
     clean = _oracle_gap(tmp_path, images, "clean")
     with capsys.disabled():
-        print(f"\n[views] crop only, exact student: per-position cosine to the teacher's targets "
-              f"clean {clean['cosine']:.3f} -> same {same['cosine']:.6f}; GL loss {clean['gl']:.4f} -> {same['gl']:.2e}; "
-              f"PCA (paper) {clean['pca']:.4f} -> {same['pca']:.2e}")
+        print(
+            f"\n[views] crop only, exact student: per-position cosine to the teacher's targets "
+            f"clean {clean['cosine']:.3f} -> same {same['cosine']:.6f}; GL loss {clean['gl']:.4f} -> {same['gl']:.2e}; "
+            f"PCA (paper) {clean['pca']:.4f} -> {same['pca']:.2e}"
+        )
     assert same["cosine"] > 0.99999 and same["gl"] < 1e-6 and same["pca"] < 1e-6
     assert clean["cosine"] < 0.95 and clean["gl"] > 100 * max(same["gl"], 1e-8)
 
 
 def test_the_clean_recipe_stays_selectable_and_repeats_targets_per_view(tmp_path: Path, images: Path):
-    cfg = tiny_config(tmp_path / "c", [str(images)], augment={"teacher_view": "clean", "views": 2},
-                      data={"batch_size": 8, "max_images": 32, "holdout": 0})
+    cfg = tiny_config(
+        tmp_path / "c",
+        [str(images)],
+        augment={"teacher_view": "clean", "views": 2},
+        data={"batch_size": 8, "max_images": 32, "holdout": 0},
+    )
     d = Distiller(cfg)
     batch = next(iter(d.data.loader))
     v = d.views(batch, step=0)

@@ -31,7 +31,9 @@ def test_groups_need_not_be_contiguous_and_large_logits_do_not_overflow():
     p = np_zs.group_softmax(np.array([[1000.0, 5.0, 1000.0 + math.log(3)]]), groups)
     np.testing.assert_allclose(p, [[0.25, 1.0, 0.75]], rtol=1e-4)  # float32 spacing at 1000 is 6e-5
     assert np.isfinite(p).all()
-    np.testing.assert_array_equal(np_zs.group_argmax(np.array([[0.1, 9.0, 0.3], [0.5, -1.0, 0.2]]), groups), [[2, 1], [0, 1]])
+    np.testing.assert_array_equal(
+        np_zs.group_argmax(np.array([[0.1, 9.0, 0.3], [0.5, -1.0, 0.2]]), groups), [[2, 1], [0, 1]]
+    )
 
 
 def test_logits_are_the_logit_scale_times_the_cosine():
@@ -58,7 +60,9 @@ def test_the_torch_twin_equals_the_cameras_definition():
     want = np_zs.group_softmax(want_logits, groups)
     got = torch_zs.group_log_softmax(got_logits, zb.groups).exp().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(torch_zs.group_argmax(got_logits, zb.groups).numpy(), np_zs.group_argmax(want_logits, groups))
+    np.testing.assert_array_equal(
+        torch_zs.group_argmax(got_logits, zb.groups).numpy(), np_zs.group_argmax(want_logits, groups)
+    )
     # Under autocast the twin still computes in float32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = zb.logits(torch.from_numpy(emb), 100.0)
@@ -73,14 +77,24 @@ def test_the_daemons_labeller_uses_the_shared_definition():
 
     emb = np.eye(4, dtype=np.float32)
     bank = TextBank(emb, ("a", "a", "b", "b"), ("x", "y", "z", "w"), "t", "f")
-    spec = BankSpec(file="bank.npz", logit_scale=math.log(3) / 0.6, groups=[
-        GroupSpec(name="a", labels=[LabelSpec(name="x"), LabelSpec(name="y")]),
-        GroupSpec(name="b", labels=[LabelSpec(name="z"), LabelSpec(name="w")])])
+    spec = BankSpec(
+        file="bank.npz",
+        logit_scale=math.log(3) / 0.6,
+        groups=[
+            GroupSpec(name="a", labels=[LabelSpec(name="x"), LabelSpec(name="y")]),
+            GroupSpec(name="b", labels=[LabelSpec(name="z"), LabelSpec(name="w")]),
+        ],
+    )
     p = ZeroShotLabeler(bank, spec, LabelsConfig()).probabilities(np.array([0.0, 0.6, 0.8, 0.0], dtype=np.float32))
     # Group a: logits (0, ln 3) → (1/4, 3/4); group b: (ln 3 · 4/3, 0).
     np.testing.assert_allclose(p[:2], [0.25, 0.75], rtol=1e-5)
-    np.testing.assert_allclose(p, np_zs.group_softmax(np_zs.zero_shot_logits(np.array([0, 0.6, 0.8, 0]), emb, spec.logit_scale),
-                                                      np_zs.group_index(bank.groups)), rtol=1e-6)
+    np.testing.assert_allclose(
+        p,
+        np_zs.group_softmax(
+            np_zs.zero_shot_logits(np.array([0, 0.6, 0.8, 0]), emb, spec.logit_scale), np_zs.group_index(bank.groups)
+        ),
+        rtol=1e-6,
+    )
 
 
 def test_flat_bank_is_one_group_of_every_row():

@@ -26,8 +26,11 @@ def tiny_config(out: Path, train: list[str], **sections: dict[str, Any]):
     from retrofit_agent.daemon.config import deep_merge
     from retrofit_agent.train.config import load_distill_config
 
-    base = {"data": {"train": train, "workers": 0}, "run": {"out_dir": str(out), "progress": False},
-            "bank": {"prompts_file": str(REPO / "models" / "prompts" / "automotive.toml")}}
+    base = {
+        "data": {"train": train, "workers": 0},
+        "run": {"out_dir": str(out), "progress": False},
+        "bank": {"prompts_file": str(REPO / "models" / "prompts" / "automotive.toml")},
+    }
     return load_distill_config(TINY, deep_merge(base, sections))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Mapping
+from collections.abc import Mapping
 
 from retrofit_agent.daemon.config import CampaignConfig, CampaignRule
 

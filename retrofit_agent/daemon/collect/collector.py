@@ -14,19 +14,19 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Callable
 
 import cv2
 import numpy as np
 import structlog
 
+from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.messages import utc_iso
 from retrofit_agent.daemon.collect.campaigns import CampaignState, Decision
 from retrofit_agent.daemon.collect.store import CaptureStore, DiskFullError, StoredItem
 from retrofit_agent.daemon.config import CampaignConfig, CollectConfig
-from retrofit_agent.contract.errors import ConfigError
-from retrofit_agent.contract.messages import utc_iso
 from retrofit_agent.daemon.metrics import AgentMetrics
 
 log = structlog.get_logger("retrofit_agent.daemon.collect")
@@ -157,8 +157,13 @@ class Collector:
         if any(removed.values()):
             log.warning("store_recovered", directory=str(self.store.directory), **removed)
         self._update_gauges()
-        log.info("store_opened", directory=str(self.store.directory), files=self.store.files, bytes=self.store.bytes,
-                 campaigns=[c for c in self._runs])
+        log.info(
+            "store_opened",
+            directory=str(self.store.directory),
+            files=self.store.files,
+            bytes=self.store.bytes,
+            campaigns=[c for c in self._runs],
+        )
         self._thread = threading.Thread(target=self._writer, name="capture-writer", daemon=True)
         self._thread.start()
 
@@ -284,8 +289,9 @@ class Collector:
             except DiskFullError:
                 self._metrics.captures_skipped.labels(campaign=job.campaign.name, reason="disk_full").inc()
                 if not self.disk_full:
-                    log.error("store_disk_full", directory=str(self.store.directory),
-                              retry_s=self.cfg.store.disk_full_retry_s)
+                    log.error(
+                        "store_disk_full", directory=str(self.store.directory), retry_s=self.cfg.store.disk_full_retry_s
+                    )
                 self.disk_full = True
                 retry_at = now + self.cfg.store.disk_full_retry_s
             except Exception as e:  # thread boundary: keep the writer alive, count and log

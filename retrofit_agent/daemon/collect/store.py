@@ -19,9 +19,10 @@ import json
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -132,7 +133,9 @@ class CaptureStore:
 
     # ------------------------------------------------------------------ writing
 
-    def save(self, campaign: str, day: str, capture_id: str, jpeg: bytes, sidecar: dict[str, Any]) -> tuple[StoredItem, list[StoredItem]]:
+    def save(
+        self, campaign: str, day: str, capture_id: str, jpeg: bytes, sidecar: dict[str, Any]
+    ) -> tuple[StoredItem, list[StoredItem]]:
         """Write one pair atomically; evict the oldest to stay under the caps.
 
         Returns the stored item and the evicted ones. Raises DiskFullError on ENOSPC (after
@@ -169,9 +172,7 @@ class CaptureStore:
 
     def _make_room(self, incoming: int) -> list[StoredItem]:
         evicted = []
-        while self._items and (
-            self.bytes + incoming > self.max_bytes or len(self._items) + 1 > self.max_files
-        ):
+        while self._items and (self.bytes + incoming > self.max_bytes or len(self._items) + 1 > self.max_files):
             with self._lock:
                 oldest = self._items.popleft()
                 self.bytes -= oldest.bytes

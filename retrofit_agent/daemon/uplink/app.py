@@ -38,16 +38,23 @@ HOUSEKEEPING_S = 1.0
 def run_uplink(cfg: UplinkConfig) -> int:
     """Wire the uplink and run it until SIGTERM/SIGINT; returns the exit code. Raises RetrofitError."""
     vehicle = cfg.vehicle or host_vehicle_id()
-    log.info("uplink_starting", version=__version__, vehicle=vehicle, endpoint=cfg.input.endpoint,
-             broker=cfg.mqtt.url, journal=str(cfg.journal.directory))
+    log.info(
+        "uplink_starting",
+        version=__version__,
+        vehicle=vehicle,
+        endpoint=cfg.input.endpoint,
+        broker=cfg.mqtt.url,
+        journal=str(cfg.journal.directory),
+    )
     stop = StopSignal()
     stop.install()
     notifier = SystemdNotifier()
     metrics = UplinkMetrics.create(CollectorRegistry(auto_describe=True))
     with ExitStack() as stack:
         stack.callback(notifier.close)
-        journal = Journal(Path(cfg.journal.directory), cfg.journal.max_bytes, cfg.journal.max_age_s,
-                          cfg.journal.synchronous)
+        journal = Journal(
+            Path(cfg.journal.directory), cfg.journal.max_bytes, cfg.journal.max_age_s, cfg.journal.synchronous
+        )
         stack.callback(journal.close)
         link = Link(cfg.mqtt, vehicle, metrics)  # TLS files and the password file are read here
         s3 = _s3_client(cfg, stop.event)
@@ -61,14 +68,29 @@ def run_uplink(cfg: UplinkConfig) -> int:
         stack.callback(link.stop)
         uploader = None
         if cfg.captures.directory is not None:
-            uploader = CaptureUploader(cfg.captures, cfg.s3, s3, vehicle, open_state_db(Path(cfg.journal.directory)),
-                                       None if s3 is not None else link, cfg.mqtt.topic_prefix, metrics, stop.event)
+            uploader = CaptureUploader(
+                cfg.captures,
+                cfg.s3,
+                s3,
+                vehicle,
+                open_state_db(Path(cfg.journal.directory)),
+                None if s3 is not None else link,
+                cfg.mqtt.topic_prefix,
+                metrics,
+                stop.event,
+            )
             uploader.start()
             stack.callback(uploader.join, 5.0)
         source = Source(cfg.input)
         stack.callback(source.close)
-        loop = UplinkLoop(cfg, vehicle, journal, Forwarder(journal, link, metrics, cfg.mqtt.inflight,
-                                                           cfg.mqtt.backlog_rate), metrics, uploader)
+        loop = UplinkLoop(
+            cfg,
+            vehicle,
+            journal,
+            Forwarder(journal, link, metrics, cfg.mqtt.inflight, cfg.mqtt.backlog_rate),
+            metrics,
+            uploader,
+        )
         notifier.ready(f"forwarding {cfg.input.endpoint} to {cfg.mqtt.host}:{cfg.mqtt.port}")
         log.info("uplink_ready", vehicle=vehicle)
         while not stop.is_set():
@@ -84,17 +106,37 @@ def _s3_client(cfg: UplinkConfig, stop: threading.Event) -> S3Client | None:
     if cfg.s3 is None or cfg.captures.directory is None:
         return None
     s = cfg.s3
-    secret = read_secret(s.secret_access_key, Path(s.secret_access_key_file) if s.secret_access_key_file else None,
-                         "s3.secret_access_key_file") or ""
-    return S3Client(s.endpoint, s.bucket, s.region, s.access_key_id, secret, s.timeout_s,
-                    Throttle(cfg.captures.max_bytes_per_s, stop))
+    secret = (
+        read_secret(
+            s.secret_access_key,
+            Path(s.secret_access_key_file) if s.secret_access_key_file else None,
+            "s3.secret_access_key_file",
+        )
+        or ""
+    )
+    return S3Client(
+        s.endpoint,
+        s.bucket,
+        s.region,
+        s.access_key_id,
+        secret,
+        s.timeout_s,
+        Throttle(cfg.captures.max_bytes_per_s, stop),
+    )
 
 
 class UplinkLoop:
     """The main loop's work, one turn at a time (tests drive it directly)."""
 
-    def __init__(self, cfg: UplinkConfig, vehicle: str, journal: Journal, forwarder: Forwarder,
-                 metrics: UplinkMetrics, uploader: CaptureUploader | None) -> None:
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        vehicle: str,
+        journal: Journal,
+        forwarder: Forwarder,
+        metrics: UplinkMetrics,
+        uploader: CaptureUploader | None,
+    ) -> None:
         self.cfg, self.vehicle, self.journal, self.forwarder = cfg, vehicle, journal, forwarder
         self.metrics, self.uploader = metrics, uploader
         self.tracker = StreamTracker(cfg.input.tags, cfg.input.tags_every_n, last=journal.input_streams())
@@ -113,9 +155,9 @@ class UplinkLoop:
             self._judge(msg, rows, topics)
         if rows or self.tracker.changed:
             ids = self.journal.append(rows, self.tracker.take_changed())  # before anything else
-            for (stream, payload), row_id, topic in zip(rows, ids, topics):
-                self.metrics.journaled.labels(topic=topic).inc()
-            self.forwarder.appended([Row(i, s, p) for (s, p), i in zip(rows, ids)])
+            for name in topics:
+                self.metrics.journaled.labels(topic=name).inc()
+            self.forwarder.appended([Row(i, stream, body) for (stream, body), i in zip(rows, ids)])
             if self.uploader is not None and "captures" in topics:
                 self.uploader.wake()
         self.forwarder.pump()
@@ -135,12 +177,17 @@ class UplinkLoop:
         if verdict.missing:
             self.metrics.input_gaps.labels(topic=msg.topic).inc()
             self.metrics.input_missing.labels(topic=msg.topic).inc(verdict.missing)
-            log.warning("input_gap", camera=msg.camera, topic=msg.topic, run_id=msg.run_id, seq=msg.seq,
-                        missing=verdict.missing)
+            log.warning(
+                "input_gap", camera=msg.camera, topic=msg.topic, run_id=msg.run_id, seq=msg.seq, missing=verdict.missing
+            )
         if msg.vehicle and msg.vehicle != self.vehicle and not self._vehicle_warned:
             self._vehicle_warned = True
-            log.warning("vehicle_mismatch", daemon=msg.vehicle, uplink=self.vehicle,
-                        action="forwarded under the uplink's vehicle; set the same id in both configs")
+            log.warning(
+                "vehicle_mismatch",
+                daemon=msg.vehicle,
+                uplink=self.vehicle,
+                action="forwarded under the uplink's vehicle; set the same id in both configs",
+            )
         if verdict.filtered:
             self.metrics.filtered.inc()
             return
@@ -153,8 +200,14 @@ class UplinkLoop:
             self.forwarder.dropped(drops)
             for reason, d in drops.items():
                 self.metrics.dropped.labels(reason=reason).inc(d.count)
-                log.warning("journal_dropped", reason=reason, messages=d.count, bytes=d.bytes,
-                            first_id=d.first_id, last_id=d.last_id)
+                log.warning(
+                    "journal_dropped",
+                    reason=reason,
+                    messages=d.count,
+                    bytes=d.bytes,
+                    first_id=d.first_id,
+                    last_id=d.last_id,
+                )
         self.metrics.backlog_messages.set(self.journal.count)
         self.metrics.backlog_bytes.set(self.journal.bytes)
         oldest = self.journal.oldest_received()

@@ -28,19 +28,29 @@ def uplink_parser() -> argparse.ArgumentParser:
         "RETROFIT_UPLINK_<SECTION>__<KEY> environment variables; flags win.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (default: $RETROFIT_UPLINK_CONFIG)")
-    p.add_argument("--endpoint", dest="input.endpoint", metavar="ENDPOINT",
-                   help="the daemon's ZeroMQ PUB endpoint, e.g. ipc:///run/retrofit-agent/messages")
+    p.add_argument(
+        "--endpoint",
+        dest="input.endpoint",
+        metavar="ENDPOINT",
+        help="the daemon's ZeroMQ PUB endpoint, e.g. ipc:///run/retrofit-agent/messages",
+    )
     p.add_argument("--mqtt", dest="mqtt.url", metavar="URL", help="broker: mqtt://HOST:PORT or mqtts://HOST:PORT")
     p.add_argument("--journal", dest="journal.directory", metavar="DIR", help="journal directory")
     p.add_argument("--vehicle", dest="vehicle", metavar="ID", help="vehicle id in topics and keys (default: host name)")
-    p.add_argument("--captures", dest="captures.directory", metavar="DIR",
-                   help="the daemon's capture store, to upload from")
-    p.add_argument("--tags", dest="input.tags", choices=("all", "every_n", "changes"),
-                   help="which tags messages to forward (default: changes)")
+    p.add_argument(
+        "--captures", dest="captures.directory", metavar="DIR", help="the daemon's capture store, to upload from"
+    )
+    p.add_argument(
+        "--tags",
+        dest="input.tags",
+        choices=("all", "every_n", "changes"),
+        help="which tags messages to forward (default: changes)",
+    )
     p.add_argument("--metrics-address", dest="metrics.address", metavar="HOST:PORT", help="/metrics address")
     p.add_argument("--log-format", dest="log.format", choices=("auto", "json", "console"), help="log line format")
-    p.add_argument("--log-level", dest="log.level", choices=("debug", "info", "warning", "error"),
-                   help="minimum log level")
+    p.add_argument(
+        "--log-level", dest="log.level", choices=("debug", "info", "warning", "error"), help="minimum log level"
+    )
     return p
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from retrofit_agent.contract.errors import ConfigError
-from retrofit_agent.contract.messages import TOPICS, VEHICLE_PATTERN
+from retrofit_agent.contract.messages import VEHICLE_PATTERN
 from retrofit_agent.contract.settings import deep_merge, env_overrides, format_validation_error, read_toml, set_path
 
 ENV_PREFIX = "RETROFIT_UPLINK_"
@@ -29,10 +29,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Topic = Literal["tags", "events", "status", "captures"]
+ALL_TOPICS: tuple[Topic, ...] = ("tags", "events", "status", "captures")
+
+
 class InputConfig(_Section):
-    endpoint: str = Field("tcp://127.0.0.1:5556", description="The daemon's ZeroMQ PUB endpoint (its publish.endpoint).")
-    topics: list[Literal["tags", "events", "status", "captures"]] = Field(
-        default_factory=lambda: list(TOPICS), description="Topics to take from the daemon."
+    endpoint: str = Field(
+        "tcp://127.0.0.1:5556", description="The daemon's ZeroMQ PUB endpoint (its publish.endpoint)."
+    )
+    topics: list[Topic] = Field(
+        default_factory=lambda: list(ALL_TOPICS),
+        description="Topics to take from the daemon.",
     )
     tags: Literal["all", "every_n", "changes"] = Field(
         "changes",
@@ -98,7 +105,7 @@ class MqttConfig(_Section):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {v!r}")
         try:
-            parts.port
+            _ = parts.port  # urlsplit raises ValueError here for a port out of range
         except ValueError:
             raise ValueError(f"the port of {v!r} must be within 1-65535") from None
         return v
@@ -175,11 +182,10 @@ class CapturesConfig(_Section):
     directory: Path | None = Field(
         None, description="The daemon's capture store (its collect.store.directory); unset: captures stay on board."
     )
-    max_bytes_per_s: int = Field(
-        2 * 1024**2, ge=0, description="Bandwidth cap for uploads, bytes/s; 0: no cap."
-    )
+    max_bytes_per_s: int = Field(2 * 1024**2, ge=0, description="Bandwidth cap for uploads, bytes/s; 0: no cap.")
     mqtt_max_bytes: int = Field(
-        128 * 1024, ge=0,
+        128 * 1024,
+        ge=0,
         description="Without an object store, captures whose JPEG is at most this size go over MQTT; 0: never.",
     )
     rescan_interval_s: float = Field(10.0, gt=0, description="How often the store is scanned for pairs to upload.")

@@ -68,8 +68,15 @@ def _topic_of(stream: str) -> str:
 
 
 class Forwarder:
-    def __init__(self, journal: Journal, link: Link, metrics: UplinkMetrics, window: int, backlog_rate: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        link: Link,
+        metrics: UplinkMetrics,
+        window: int,
+        backlog_rate: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.journal = journal
         self.link = link
         self.metrics = metrics

@@ -92,8 +92,9 @@ class Journal:
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, rows: Iterable[tuple[str, bytes]], streams: dict[str, tuple[str, int]], now: float | None = None
-               ) -> list[int]:
+    def append(
+        self, rows: Iterable[tuple[str, bytes]], streams: dict[str, tuple[str, int]], now: float | None = None
+    ) -> list[int]:
         """Append ``(stream, payload)`` rows and the input streams' last (run_id, seq), in one
         transaction; returns the new ids. Nothing is forwarded before this returns."""
         now = time.time() if now is None else now
@@ -130,7 +131,8 @@ class Journal:
         if sent_high is not None:
             cur.execute(
                 "INSERT INTO meta (key, value) VALUES ('sent_high', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(sent_high),),
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(sent_high),),
             )
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
@@ -176,7 +178,7 @@ class Journal:
                     return int(row_id)
             after = int(chunk[-1][0])
 
-    def _drop_where(self, where: str, args: tuple) -> Dropped:
+    def _drop_where(self, where: str, args: tuple[object, ...]) -> Dropped:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         n, size, first, last = cur.execute(

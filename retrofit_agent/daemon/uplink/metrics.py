@@ -39,41 +39,70 @@ class UplinkMetrics:
         p = "retrofit_uplink_"
         m = cls(
             registry=registry,
-            received=Counter(p + "received", "Messages received from the daemon, by topic.", ["topic"],
-                             registry=registry),
-            filtered=Counter(p + "filtered", "Tags messages not kept by input.tags (all/every_n/changes).",
-                             registry=registry),
-            journaled=Counter(p + "journaled", "Messages appended to the journal, by topic.", ["topic"],
-                              registry=registry),
-            forwarded=Counter(p + "forwarded", "Messages the broker acknowledged (PUBACK), by topic.", ["topic"],
-                              registry=registry),
-            dropped=Counter(p + "dropped", "Messages dropped, by reason (journal_bytes, journal_age: a journal bound "
-                            "bit, oldest first; rejected: the broker refused it; malformed: not a daemon message).",
-                            ["reason"], registry=registry),
-            duplicates=Counter(p + "duplicates", "Duplicates: 'input' received twice and dropped; 'resent' published "
-                               "again after a crash or reconnect (the consumer de-duplicates them).", ["kind"],
-                               registry=registry),
-            input_gaps=Counter(p + "input_gaps", "Gaps in a stream's seq within one run_id (the daemon's losses).",
-                               ["topic"], registry=registry),
-            input_missing=Counter(p + "input_missing_messages", "Messages missing in those gaps.", ["topic"],
-                                  registry=registry),
-            daemon_restarts=Counter(p + "daemon_restarts", "Streams that came back under a new run_id.",
-                                    registry=registry),
-            backlog_messages=Gauge(p + "backlog_messages", "Messages in the journal not yet acknowledged.",
-                                   registry=registry),
-            backlog_bytes=Gauge(p + "backlog_bytes", "Bytes of those messages (payload and per-row overhead).",
-                                registry=registry),
-            oldest_age=Gauge(p + "oldest_message_age_seconds", "Age of the oldest message in the journal (0: empty).",
-                             registry=registry),
+            received=Counter(
+                p + "received", "Messages received from the daemon, by topic.", ["topic"], registry=registry
+            ),
+            filtered=Counter(
+                p + "filtered", "Tags messages not kept by input.tags (all/every_n/changes).", registry=registry
+            ),
+            journaled=Counter(
+                p + "journaled", "Messages appended to the journal, by topic.", ["topic"], registry=registry
+            ),
+            forwarded=Counter(
+                p + "forwarded", "Messages the broker acknowledged (PUBACK), by topic.", ["topic"], registry=registry
+            ),
+            dropped=Counter(
+                p + "dropped",
+                "Messages dropped, by reason (journal_bytes, journal_age: a journal bound "
+                "bit, oldest first; rejected: the broker refused it; malformed: not a daemon message).",
+                ["reason"],
+                registry=registry,
+            ),
+            duplicates=Counter(
+                p + "duplicates",
+                "Duplicates: 'input' received twice and dropped; 'resent' published "
+                "again after a crash or reconnect (the consumer de-duplicates them).",
+                ["kind"],
+                registry=registry,
+            ),
+            input_gaps=Counter(
+                p + "input_gaps",
+                "Gaps in a stream's seq within one run_id (the daemon's losses).",
+                ["topic"],
+                registry=registry,
+            ),
+            input_missing=Counter(
+                p + "input_missing_messages", "Messages missing in those gaps.", ["topic"], registry=registry
+            ),
+            daemon_restarts=Counter(
+                p + "daemon_restarts", "Streams that came back under a new run_id.", registry=registry
+            ),
+            backlog_messages=Gauge(
+                p + "backlog_messages", "Messages in the journal not yet acknowledged.", registry=registry
+            ),
+            backlog_bytes=Gauge(
+                p + "backlog_bytes", "Bytes of those messages (payload and per-row overhead).", registry=registry
+            ),
+            oldest_age=Gauge(
+                p + "oldest_message_age_seconds",
+                "Age of the oldest message in the journal (0: empty).",
+                registry=registry,
+            ),
             broker_connected=Gauge(p + "broker_connected", "1 while connected to the MQTT broker.", registry=registry),
             broker_connects=Counter(p + "broker_connects", "Successful connections to the broker.", registry=registry),
-            captures_uploaded=Counter(p + "captures_uploaded", "Capture pairs uploaded, confirmed and deleted locally.",
-                                      ["transport"], registry=registry),
+            captures_uploaded=Counter(
+                p + "captures_uploaded",
+                "Capture pairs uploaded, confirmed and deleted locally.",
+                ["transport"],
+                registry=registry,
+            ),
             capture_bytes_uploaded=Counter(p + "capture_uploaded_bytes", "Bytes of those pairs.", registry=registry),
-            capture_failures=Counter(p + "capture_failures", "Failed upload attempts, by reason.", ["reason"],
-                                     registry=registry),
-            captures_pending=Gauge(p + "captures_pending", "Complete pairs in the store waiting for upload.",
-                                   registry=registry),
+            capture_failures=Counter(
+                p + "capture_failures", "Failed upload attempts, by reason.", ["reason"], registry=registry
+            ),
+            captures_pending=Gauge(
+                p + "captures_pending", "Complete pairs in the store waiting for upload.", registry=registry
+            ),
         )
         for t in TOPICS:
             for c in (m.received, m.journaled, m.forwarded, m.input_gaps, m.input_missing):

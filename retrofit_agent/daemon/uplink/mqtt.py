@@ -62,9 +62,12 @@ class Link:
             context: ssl.SSLContext | None = tls_context(cfg)
         else:
             context = None
-        password = read_secret(cfg.password, Path(cfg.password_file) if cfg.password_file else None, "mqtt.password_file")
+        password = read_secret(
+            cfg.password, Path(cfg.password_file) if cfg.password_file else None, "mqtt.password_file"
+        )
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=cfg.client_id or f"retrofit-uplink-{vehicle}",
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id or f"retrofit-uplink-{vehicle}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         if context is not None:
@@ -130,8 +133,9 @@ class Link:
 
     # ------------------------------------------------------------------ paho's network thread
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         if reason.is_failure:
             self._refusals += 1
             # Bad credentials or a refused certificate: paho keeps retrying with back-off; say it once per streak.
@@ -151,14 +155,16 @@ class Link:
         if self._refusals == 1:
             log.warning("mqtt_unreachable", broker=f"{self.cfg.host}:{self.cfg.port}", retry="with back-off")
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                       properties: Properties | None) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         was = self.connected.is_set()
         self.connected.clear()
         self.metrics.broker_connected.set(0)
         if was:
             log.warning("mqtt_disconnected", reason=str(reason))
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         self.acks.put((mid, bool(reason.is_failure)))

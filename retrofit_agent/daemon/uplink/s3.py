@@ -43,9 +43,19 @@ def _hmac(key: bytes, text: str) -> bytes:
     return hmac.new(key, text.encode(), hashlib.sha256).digest()
 
 
-def sign_v4(method: str, host: str, path: str, query: Mapping[str, str], headers: Mapping[str, str],
-            payload_sha256: str, access_key: str, secret_key: str, region: str, now: datetime,
-            service: str = "s3") -> dict[str, str]:
+def sign_v4(
+    method: str,
+    host: str,
+    path: str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    payload_sha256: str,
+    access_key: str,
+    secret_key: str,
+    region: str,
+    now: datetime,
+    service: str = "s3",
+) -> dict[str, str]:
     """The headers to add (x-amz-date, x-amz-content-sha256, Authorization) for AWS Signature V4.
 
     ``path`` is already URI-encoded (S3 encodes the key once, keeping '/').
@@ -55,13 +65,17 @@ def sign_v4(method: str, host: str, path: str, query: Mapping[str, str], headers
     all_headers = {k.lower(): " ".join(str(v).split()) for k, v in headers.items()}
     all_headers.update({"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": payload_sha256})
     signed = sorted(all_headers)
-    canonical_query = "&".join(
-        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
+    canonical_query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items()))
+    canonical = "\n".join(
+        [
+            method,
+            path,
+            canonical_query,
+            "".join(f"{k}:{all_headers[k]}\n" for k in signed),
+            ";".join(signed),
+            payload_sha256,
+        ]
     )
-    canonical = "\n".join([
-        method, path, canonical_query, "".join(f"{k}:{all_headers[k]}\n" for k in signed), ";".join(signed),
-        payload_sha256,
-    ])
     scope = f"{day}/{region}/{service}/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = _hmac(_hmac(_hmac(_hmac(("AWS4" + secret_key).encode(), day), region), service), "aws4_request")
@@ -77,8 +91,9 @@ def sign_v4(method: str, host: str, path: str, query: Mapping[str, str], headers
 class Throttle:
     """A byte-rate cap shared by every upload (token bucket, one second of burst); 0 = no cap."""
 
-    def __init__(self, bytes_per_s: int, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, bytes_per_s: int, stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = bytes_per_s
         self._stop = stop or threading.Event()
         self._clock = clock
@@ -107,8 +122,16 @@ class Response:
 
 
 class S3Client:
-    def __init__(self, endpoint: str, bucket: str, region: str, access_key: str, secret_key: str,
-                 timeout_s: float = 30.0, throttle: Throttle | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        region: str,
+        access_key: str,
+        secret_key: str,
+        timeout_s: float = 30.0,
+        throttle: Throttle | None = None,
+    ) -> None:
         parts = urlsplit(endpoint)
         self.https = parts.scheme == "https"
         self.host = parts.netloc
@@ -119,19 +142,43 @@ class S3Client:
 
     # ------------------------------------------------------------------ requests
 
-    def request(self, method: str, key: str, query: Mapping[str, str] | None = None,
-                headers: Mapping[str, str] | None = None, body: bytes = b"", payload_sha256: str | None = None,
-                ) -> Response:
+    def request(
+        self,
+        method: str,
+        key: str,
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        payload_sha256: str | None = None,
+    ) -> Response:
         query = dict(query or {})
         path = "/" + quote(self.bucket, safe="") + ("/" + quote(key, safe="/-_.~") if key else "")
         headers = dict(headers or {})
         if body or method in ("PUT", "POST"):
             headers["Content-Length"] = str(len(body))
         sha = payload_sha256 or hashlib.sha256(body).hexdigest()
-        headers.update(sign_v4(method, self.host, path, query, headers, sha, self._access, self._secret,
-                               self.region, datetime.now(timezone.utc)))
-        url = path + ("?" + "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" if v else quote(k)
-                                     for k, v in sorted(query.items())) if query else "")
+        headers.update(
+            sign_v4(
+                method,
+                self.host,
+                path,
+                query,
+                headers,
+                sha,
+                self._access,
+                self._secret,
+                self.region,
+                datetime.now(timezone.utc),
+            )
+        )
+        url = path + (
+            "?"
+            + "&".join(
+                f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" if v else quote(k) for k, v in sorted(query.items())
+            )
+            if query
+            else ""
+        )
         conn_cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         conn = conn_cls(self.host, timeout=self.timeout_s)
         try:
@@ -162,8 +209,14 @@ class S3Client:
 
     # ------------------------------------------------------------------ operations
 
-    def put_object(self, key: str, body: bytes, sha256_hex: str, metadata: Mapping[str, str] | None = None,
-                   content_type: str = "application/octet-stream") -> str:
+    def put_object(
+        self,
+        key: str,
+        body: bytes,
+        sha256_hex: str,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> str:
         headers = {"Content-MD5": _md5_b64(body), "Content-Type": content_type}
         headers.update({f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()})
         r = self.request("PUT", key, headers=headers, body=body, payload_sha256=sha256_hex)
@@ -177,8 +230,9 @@ class S3Client:
                 return None
             raise
 
-    def create_multipart(self, key: str, metadata: Mapping[str, str] | None = None,
-                         content_type: str = "application/octet-stream") -> str:
+    def create_multipart(
+        self, key: str, metadata: Mapping[str, str] | None = None, content_type: str = "application/octet-stream"
+    ) -> str:
         headers = {"Content-Type": content_type, **{f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()}}
         r = self.request("POST", key, query={"uploads": ""}, headers=headers)
         upload_id = _find(r.body, "UploadId")
@@ -187,14 +241,21 @@ class S3Client:
         return upload_id
 
     def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
-        r = self.request("PUT", key, query={"partNumber": str(number), "uploadId": upload_id},
-                         headers={"Content-MD5": _md5_b64(body)}, body=body)
+        r = self.request(
+            "PUT",
+            key,
+            query={"partNumber": str(number), "uploadId": upload_id},
+            headers={"Content-MD5": _md5_b64(body)},
+            body=body,
+        )
         return r.headers.get("etag", "").strip('"')
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
-        xml = "<CompleteMultipartUpload>" + "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>\"{etag}\"</ETag></Part>" for n, etag in sorted(parts)
-        ) + "</CompleteMultipartUpload>"
+        xml = (
+            "<CompleteMultipartUpload>"
+            + "".join(f'<Part><PartNumber>{n}</PartNumber><ETag>"{etag}"</ETag></Part>' for n, etag in sorted(parts))
+            + "</CompleteMultipartUpload>"
+        )
         r = self.request("POST", key, query={"uploadId": upload_id}, body=xml.encode())
         code, message = _error(r.body)
         if code:  # S3 may answer 200 and put the error in the body

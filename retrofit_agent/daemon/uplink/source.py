@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -36,7 +37,7 @@ class Incoming:
     seq: int
     vehicle: str
     payload: bytes
-    body: dict
+    body: dict[str, Any]
 
 
 @dataclass
@@ -93,8 +94,13 @@ def parse(topic: bytes, payload: bytes) -> Incoming | None:
     try:
         body = json.loads(payload)
         return Incoming(
-            topic=topic.decode(), camera=str(body["camera"]), run_id=str(body["run_id"]), seq=int(body["seq"]),
-            vehicle=str(body.get("vehicle", "")), payload=payload, body=body,
+            topic=topic.decode(),
+            camera=str(body["camera"]),
+            run_id=str(body["run_id"]),
+            seq=int(body["seq"]),
+            vehicle=str(body.get("vehicle", "")),
+            payload=payload,
+            body=body,
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None
@@ -103,7 +109,7 @@ def parse(topic: bytes, payload: bytes) -> Incoming | None:
 class Source:
     """A SUB socket on the daemon's endpoint (CURVE client when configured)."""
 
-    def __init__(self, cfg: InputConfig, context: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: InputConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         from retrofit_agent.daemon.curve import make_curve_client
 
         self.cfg = cfg
@@ -119,7 +125,9 @@ class Source:
             self.sock.connect(cfg.endpoint)
         except zmq.ZMQError as e:
             self.sock.close()
-            raise ConfigError(f"input.endpoint: cannot connect to {cfg.endpoint!r}: {zmq.strerror(e.errno)}") from None
+            raise ConfigError(
+                f"input.endpoint: cannot connect to {cfg.endpoint!r}: {zmq.strerror(e.errno or 0)}"
+            ) from None
         except ConfigError:
             self.sock.close()
             raise

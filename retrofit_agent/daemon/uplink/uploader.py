@@ -29,6 +29,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
@@ -70,16 +71,25 @@ def scan(directory: Path) -> list[Pair]:
     return pairs
 
 
-class Publisher:  # the part of mqtt.Link the fallback needs
+class Publisher(Protocol):  # the part of mqtt.Link the fallback needs
     def publish_and_wait(self, topic: str, payload: bytes, timeout_s: float) -> bool: ...
 
 
 class CaptureUploader:
     """Runs on its own thread; owns its own connection to the journal database."""
 
-    def __init__(self, cfg: CapturesConfig, s3cfg: S3Config | None, s3: S3Client | None, vehicle: str,
-                 db: sqlite3.Connection, link: Publisher | None, topic_prefix: str, metrics: UplinkMetrics,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self,
+        cfg: CapturesConfig,
+        s3cfg: S3Config | None,
+        s3: S3Client | None,
+        vehicle: str,
+        db: sqlite3.Connection,
+        link: Publisher | None,
+        topic_prefix: str,
+        metrics: UplinkMetrics,
+        stop: threading.Event,
+    ) -> None:
         assert cfg.directory is not None
         self.directory = Path(cfg.directory)
         self.cfg, self.s3cfg, self.s3 = cfg, s3cfg, s3
@@ -135,8 +145,14 @@ class CaptureUploader:
                 continue
             except S3Error as e:
                 self.metrics.capture_failures.labels(reason="transient" if e.transient else "refused").inc()
-                log.warning("capture_upload_failed", capture=pair.name, status=e.status, code=e.code, error=str(e),
-                            retry_s=self.cfg.retry_s)
+                log.warning(
+                    "capture_upload_failed",
+                    capture=pair.name,
+                    status=e.status,
+                    code=e.code,
+                    error=str(e),
+                    retry_s=self.cfg.retry_s,
+                )
                 self.stop.wait(self.cfg.retry_s)
                 break
         return done
@@ -171,7 +187,7 @@ class CaptureUploader:
         self.metrics.capture_bytes_uploaded.inc(len(image) + len(meta_bytes))
         log.info("capture_uploaded", capture=pair.name, campaign=pair.campaign, bytes=len(image), via=transport)
 
-    def _check(self, pair: Pair, meta_bytes: bytes, image: bytes) -> dict:
+    def _check(self, pair: Pair, meta_bytes: bytes, image: bytes) -> dict[str, Any]:
         try:
             meta = json.loads(meta_bytes)
             expected = str(meta["image_sha256"])
@@ -184,8 +200,9 @@ class CaptureUploader:
     def _skip(self, pair: Pair, reason: str) -> None:
         self._skipped.add(pair.sidecar)
         self.metrics.capture_failures.labels(reason=reason).inc()
-        log.error("capture_not_uploaded", capture=pair.name, reason=reason, path=str(pair.sidecar),
-                  action="left on board")
+        log.error(
+            "capture_not_uploaded", capture=pair.name, reason=reason, path=str(pair.sidecar), action="left on board"
+        )
         raise SkipPair
 
     def key(self, pair: Pair, suffix: str) -> str:
@@ -210,7 +227,9 @@ class CaptureUploader:
     def _multipart(self, pair: Pair, key: str, image: bytes, sha: str) -> None:
         assert self.s3 is not None and self.s3cfg is not None
         size = self.s3cfg.part_size
-        row = self.db.execute("SELECT key, upload_id, parts FROM uploads WHERE sidecar = ?", (str(pair.sidecar),)).fetchone()
+        row = self.db.execute(
+            "SELECT key, upload_id, parts FROM uploads WHERE sidecar = ?", (str(pair.sidecar),)
+        ).fetchone()
         parts: dict[int, str] = {}
         if row is not None and row[0] == key:
             upload_id, parts = row[1], {int(n): e for n, e in json.loads(row[2])}
@@ -237,7 +256,11 @@ class CaptureUploader:
                 raise
             # Completed just before a crash, or forgotten by the store: the object itself decides.
             head = self.s3.head_object(key)
-            if head is not None and head.get("x-amz-meta-sha256") == sha and int(head.get("content-length", -1)) == len(image):
+            if (
+                head is not None
+                and head.get("x-amz-meta-sha256") == sha
+                and int(head.get("content-length", -1)) == len(image)
+            ):
                 return
             self._forget(pair)
             raise S3Error(0, "UploadLost", f"{key}: the store forgot the multipart upload; starting over") from None
@@ -270,16 +293,22 @@ class CaptureUploader:
 
     # ------------------------------------------------------------------ fallback
 
-    def _to_mqtt(self, pair: Pair, meta: dict, image: bytes) -> None:
+    def _to_mqtt(self, pair: Pair, meta: dict[str, Any], image: bytes) -> None:
         if self.link is None or not self.cfg.mqtt_max_bytes or len(image) > self.cfg.mqtt_max_bytes:
             self._skip(pair, "too_large_for_mqtt")
         assert self.link is not None
         camera = topic_level(str(meta.get("camera", "camera")))
         topic = f"{self.topic_prefix}/{self.vehicle}/{camera}/capture_files"
-        payload = json.dumps({
-            "vehicle": self.vehicle, "campaign": pair.campaign, "day": pair.day, "name": pair.name,
-            "sidecar": meta, "image_base64": base64.b64encode(image).decode(),
-        }).encode()
+        payload = json.dumps(
+            {
+                "vehicle": self.vehicle,
+                "campaign": pair.campaign,
+                "day": pair.day,
+                "name": pair.name,
+                "sidecar": meta,
+                "image_base64": base64.b64encode(image).decode(),
+            }
+        ).encode()
         if not self.link.publish_and_wait(topic, payload, timeout_s=30):
             raise S3Error(0, "NoPuback", "the broker did not acknowledge the capture")
 

@@ -17,7 +17,15 @@ Command line: ``retrofit-model world images ...`` and ``retrofit-model world cli
 from retrofit_agent.train.world.annotate import Annotation, annotate
 from retrofit_agent.train.world.captions import caption
 from retrofit_agent.train.world.dataset import ImageSetSummary, scene_seed, write_image_set
-from retrofit_agent.train.world.drive import DEFAULT_PLAN, DriveFrame, Segment, frames, parse_plan, parse_segment, write_clip
+from retrofit_agent.train.world.drive import (
+    DEFAULT_PLAN,
+    DriveFrame,
+    Segment,
+    frames,
+    parse_plan,
+    parse_segment,
+    write_clip,
+)
 from retrofit_agent.train.world.labels import DEFAULT_PROMPTS, LabelSpace, WorldError, load_label_space
 from retrofit_agent.train.world.records import BoxRecord, FrameRecord, ImageRecord
 from retrofit_agent.train.world.render import encode_jpeg, render
@@ -25,8 +33,30 @@ from retrofit_agent.train.world.sample import sample_scene
 from retrofit_agent.train.world.scene import SCENE_ADAPTER, Scene, Thing
 
 __all__ = [
-    "Annotation", "BoxRecord", "DEFAULT_PLAN", "DEFAULT_PROMPTS", "DriveFrame", "FrameRecord", "ImageRecord",
-    "ImageSetSummary", "LabelSpace", "SCENE_ADAPTER", "Scene", "Segment", "Thing", "WorldError", "annotate", "caption",
-    "encode_jpeg", "frames", "load_label_space", "parse_plan", "parse_segment", "render", "sample_scene", "scene_seed",
-    "write_clip", "write_image_set",
+    "Annotation",
+    "BoxRecord",
+    "DEFAULT_PLAN",
+    "DEFAULT_PROMPTS",
+    "DriveFrame",
+    "FrameRecord",
+    "ImageRecord",
+    "ImageSetSummary",
+    "LabelSpace",
+    "SCENE_ADAPTER",
+    "Scene",
+    "Segment",
+    "Thing",
+    "WorldError",
+    "annotate",
+    "caption",
+    "encode_jpeg",
+    "frames",
+    "load_label_space",
+    "parse_plan",
+    "parse_segment",
+    "render",
+    "sample_scene",
+    "scene_seed",
+    "write_clip",
+    "write_image_set",
 ]

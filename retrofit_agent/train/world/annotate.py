@@ -96,17 +96,24 @@ def annotate(scene: Scene, space: LabelSpace) -> Annotation:
         label = "construction_zone" if group == "scene" else t.label
         seen.setdefault(group, []).append(legible)
         ix0, iy0, ix1, iy1 = int(cx0), int(cy0), int(math.ceil(cx1)), int(math.ceil(cy1))
-        boxes.append(BoxRecord(
-            kind=t.kind, group=group, label=label, xyxy=(ix0, iy0, ix1, iy1),
-            xyxy_norm=(round(ix0 / W, 4), round(iy0 / H, 4), round(ix1 / W, 4), round(iy1 / H, 4)),
-            depth_m=round(t.z, 2), legible=legible,
-        ))
+        boxes.append(
+            BoxRecord(
+                kind=t.kind,
+                group=group,
+                label=label,
+                xyxy=(ix0, iy0, ix1, iy1),
+                xyxy_norm=(round(ix0 / W, 4), round(iy0 / H, 4), round(ix1 / W, 4), round(iy1 / H, 4)),
+                depth_m=round(t.z, 2),
+                legible=legible,
+            )
+        )
     labels, reasons = _labels(scene, space, boxes, seen)
     return Annotation(labels, tuple(boxes), reasons)
 
 
-def _labels(scene: Scene, space: LabelSpace, boxes: list[BoxRecord],
-            seen: dict[str, list[bool]]) -> tuple[dict[str, str | None], dict[str, str]]:
+def _labels(
+    scene: Scene, space: LabelSpace, boxes: list[BoxRecord], seen: dict[str, list[bool]]
+) -> tuple[dict[str, str | None], dict[str, str]]:
     c = scene.conditions
     hidden = inside_tunnel(scene)
     labels: dict[str, str | None] = {}

@@ -30,7 +30,9 @@ class Canvas:
     rng: np.random.Generator  # per-picture noise: particles, sensor
     xl: float  # road edges (camera coordinates, before curvature)
     xr: float
-    glows: list[tuple[float, float, float, float, BGR, float | None]] = field(default_factory=list)  # x, y, rx, ry, colour, ground y
+    glows: list[tuple[float, float, float, float, BGR, float | None]] = field(
+        default_factory=list
+    )  # x, y, rx, ry, colour, ground y
 
     @property
     def W(self) -> int:
@@ -49,15 +51,29 @@ class Canvas:
 
     def polys(self, pts: list[np.ndarray], colour: BGR, aa: bool = False) -> None:
         if pts:
-            cv2.fillPoly(self.img, [np.round(p * ONE).astype(np.int32) for p in pts], colour,
-                         cv2.LINE_AA if aa else cv2.LINE_8, SHIFT)
+            cv2.fillPoly(
+                self.img,
+                [np.round(p * ONE).astype(np.int32) for p in pts],
+                colour,
+                cv2.LINE_AA if aa else cv2.LINE_8,
+                SHIFT,
+            )
 
     def line(self, x0: float, y0: float, x1: float, y1: float, colour: BGR, width: float = 1.0) -> None:
-        cv2.line(self.img, (int(x0 * ONE), int(y0 * ONE)), (int(x1 * ONE), int(y1 * ONE)), colour,
-                 max(1, int(round(width))), cv2.LINE_AA, SHIFT)
+        cv2.line(
+            self.img,
+            (int(x0 * ONE), int(y0 * ONE)),
+            (int(x1 * ONE), int(y1 * ONE)),
+            colour,
+            max(1, int(round(width))),
+            cv2.LINE_AA,
+            SHIFT,
+        )
 
     def polylines(self, lines: list[np.ndarray], colour: BGR, width: int = 1) -> None:
-        cv2.polylines(self.img, [np.round(p * ONE).astype(np.int32) for p in lines], False, colour, width, cv2.LINE_AA, SHIFT)
+        cv2.polylines(
+            self.img, [np.round(p * ONE).astype(np.int32) for p in lines], False, colour, width, cv2.LINE_AA, SHIFT
+        )
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, colour: BGR) -> None:
         self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], colour, aa=True)
@@ -65,7 +81,9 @@ class Canvas:
     def circle(self, x: float, y: float, r: float, colour: BGR, thickness: int = -1) -> None:
         cv2.circle(self.img, (int(x * ONE), int(y * ONE)), max(1, int(r * ONE)), colour, thickness, cv2.LINE_AA, SHIFT)
 
-    def glow(self, x: float, y: float, r: float, colour: BGR, ry: float | None = None, ground_y: float | None = None) -> None:
+    def glow(
+        self, x: float, y: float, r: float, colour: BGR, ry: float | None = None, ground_y: float | None = None
+    ) -> None:
         """A light source's halo (or, flattened with ``ry``, its pool on the road), added in
         one blurred pass at the end (see :func:`.effects.add_glows`). ``ground_y`` is the
         image row of the road below the light: a wet road mirrors the light there."""

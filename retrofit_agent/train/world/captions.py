@@ -34,15 +34,35 @@ SYNONYMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("time_of_day", "dusk"): ("at dusk", "evening twilight", "at sunset"),
     ("time_of_day", "night"): ("at night", "nighttime", "in the dark", "night time"),
     ("road_type", "highway"): ("a multi-lane highway", "the motorway", "a freeway", "a highway with crash barriers"),
-    ("road_type", "urban"): ("a street in town", "a city road between buildings", "a downtown street", "city traffic lanes"),
+    ("road_type", "urban"): (
+        "a street in town",
+        "a city road between buildings",
+        "a downtown street",
+        "city traffic lanes",
+    ),
     ("road_type", "rural"): ("a narrow country lane", "a rural road", "a country road between fields"),
     ("road_type", "parking"): ("a car park", "a parking area with marked bays", "parking spaces"),
-    ("scene", "tunnel"): ("driving through a tunnel", "a road tunnel with lamps", "a tunnel with lights on the ceiling"),
-    ("scene", "construction_zone"): ("roadworks", "traffic cones and barriers", "a work zone with orange cones", "road construction"),
+    ("scene", "tunnel"): (
+        "driving through a tunnel",
+        "a road tunnel with lamps",
+        "a tunnel with lights on the ceiling",
+    ),
+    ("scene", "construction_zone"): (
+        "roadworks",
+        "traffic cones and barriers",
+        "a work zone with orange cones",
+        "road construction",
+    ),
     ("scene", "bridge"): ("crossing a bridge", "a bridge over water", "a bridge with railings"),
     ("scene", "open_road"): ("an open road", "an ordinary road"),
     ("pedestrians", "present"): ("a pedestrian", "a person walking", "a person on foot"),
-    ("pedestrians", "present+"): ("pedestrians", "people walking on the street", "{n} pedestrians", "several people", "a group of people"),
+    ("pedestrians", "present+"): (
+        "pedestrians",
+        "people walking on the street",
+        "{n} pedestrians",
+        "several people",
+        "a group of people",
+    ),
     ("pedestrians", "absent"): ("no pedestrians", "without people", "nobody on foot", "no people"),
     ("cyclists", "present"): ("a cyclist", "a person riding a bicycle", "a bicycle on the road", "a bike rider"),
     ("cyclists", "present+"): ("cyclists", "{n} cyclists", "people on bicycles", "bicycles on the road"),
@@ -83,7 +103,9 @@ def phrases(space: LabelSpace, group: str, label: str, many: bool) -> list[str]:
     return out
 
 
-def caption(scene: Scene, labels: dict[str, str | None], boxes: list[BoxRecord] | tuple[BoxRecord, ...], space: LabelSpace) -> str:
+def caption(
+    scene: Scene, labels: dict[str, str | None], boxes: list[BoxRecord] | tuple[BoxRecord, ...], space: LabelSpace
+) -> str:
     """One caption for a picture with these ground-truth ``labels`` and ``boxes``."""
     rng = np.random.default_rng([scene.seed, 3])
     counts = Counter(b.group for b in boxes if b.legible)
@@ -123,4 +145,6 @@ def _join(rng: np.random.Generator, parts: list[str]) -> str:
         rest = parts[1:]
         tail = rest[0] if len(rest) == 1 else ", ".join(rest[:-1]) + " and " + rest[-1]
         return f"{parts[0]} with {tail}"
-    return "".join(p + (_JOINERS[int(rng.integers(0, len(_JOINERS)))] if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+    return "".join(
+        p + (_JOINERS[int(rng.integers(0, len(_JOINERS)))] if i < len(parts) - 1 else "") for i, p in enumerate(parts)
+    )

@@ -44,9 +44,16 @@ def check_seed(seed: int) -> None:
 
 def _common(p: argparse.ArgumentParser, size: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="world seed: the same seed writes the same bytes (default 0)")
-    p.add_argument("--size", type=parse_size, default=parse_size(size), metavar="WxH", help=f"picture size (default {size})")
-    p.add_argument("--prompts", type=Path, default=None, metavar="TOML",
-                   help="prompts file whose groups and labels the world draws (default models/prompts/automotive.toml)")
+    p.add_argument(
+        "--size", type=parse_size, default=parse_size(size), metavar="WxH", help=f"picture size (default {size})"
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="TOML",
+        help="prompts file whose groups and labels the world draws (default models/prompts/automotive.toml)",
+    )
 
 
 def _space(path: Path | None):
@@ -70,8 +77,10 @@ def _run_images(args: argparse.Namespace) -> int:
     space = _space(args.prompts)
     summary = write_image_set(args.out, args.count, args.seed, args.size, space, args.shard_size, not args.shards_only)
     sys.stdout.write(summary_json(summary) + "\n")
-    sys.stdout.write(f"wrote {summary.count} pictures, captions.jsonl and {len(summary.shards)} shard(s) to {args.out}; "
-                     f"train on them with --set data.train='[\"{summary.shard_pattern}\"]'\n")
+    sys.stdout.write(
+        f"wrote {summary.count} pictures, captions.jsonl and {len(summary.shards)} shard(s) to {args.out}; "
+        f"train on them with --set data.train='[\"{summary.shard_pattern}\"]'\n"
+    )
     return 0
 
 
@@ -82,7 +91,9 @@ def _run_clip(args: argparse.Namespace) -> int:
     if not FPS_MIN <= args.fps <= FPS_MAX:
         raise ConfigError(f"--fps must be between {FPS_MIN:g} and {FPS_MAX:g} (got {args.fps:g})")
     if not 0 < args.segment_seconds <= SEGMENT_SECONDS_MAX:
-        raise ConfigError(f"--segment-seconds must be > 0 and <= {SEGMENT_SECONDS_MAX:g} (got {args.segment_seconds:g})")
+        raise ConfigError(
+            f"--segment-seconds must be > 0 and <= {SEGMENT_SECONDS_MAX:g} (got {args.segment_seconds:g})"
+        )
     if args.out.suffix.lower() != ".mp4":
         raise ConfigError(f"--out must name an .mp4 file (got {str(args.out)!r})")
     check_size(args.size)
@@ -94,33 +105,60 @@ def _run_clip(args: argparse.Namespace) -> int:
         clip, sidecar, n = write_clip(args.out, plan, args.seed, args.fps, args.segment_seconds, args.size, space)
     except WorldError as e:
         raise ConfigError(str(e)) from None
-    sys.stdout.write(json.dumps({"clip": str(clip), "ground_truth": str(sidecar), "frames": n, "seconds": round(n / args.fps, 2),
-                                 "segments": [s.name for s in plan]}) + "\n")
+    sys.stdout.write(
+        json.dumps(
+            {
+                "clip": str(clip),
+                "ground_truth": str(sidecar),
+                "frames": n,
+                "seconds": round(n / args.fps, 2),
+                "segments": [s.name for s in plan],
+            }
+        )
+        + "\n"
+    )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``world`` with its ``images`` and ``clip`` actions to the toolchain's subcommands."""
-    world = sub.add_parser("world", help="render the procedural driving world: labelled pictures or a drive clip",
-                           description="Procedural driving world rendered with OpenCV from seeded scene descriptions.")
+    world = sub.add_parser(
+        "world",
+        help="render the procedural driving world: labelled pictures or a drive clip",
+        description="Procedural driving world rendered with OpenCV from seeded scene descriptions.",
+    )
     actions = world.add_subparsers(dest="world_action", required=True, metavar="ACTION")  # same parser class as world
 
-    images = actions.add_parser("images", help="labelled, captioned pictures + WebDataset shards",
-                                description="Write JPEG pictures, captions.jsonl and WebDataset shards.")
+    images = actions.add_parser(
+        "images",
+        help="labelled, captioned pictures + WebDataset shards",
+        description="Write JPEG pictures, captions.jsonl and WebDataset shards.",
+    )
     images.add_argument("--count", type=int, required=True, help="number of pictures")
     images.add_argument("--out", type=Path, required=True, help="output folder")
     images.add_argument("--shard-size", type=int, default=1000, help="pictures per tar shard (default 1000)")
-    images.add_argument("--shards-only", action="store_true", help="write only captions.jsonl and the shards, no loose JPEG files")
+    images.add_argument(
+        "--shards-only", action="store_true", help="write only captions.jsonl and the shards, no loose JPEG files"
+    )
     _common(images, "224x224")
     images.set_defaults(func=_run_images)
 
-    clip = actions.add_parser("clip", help="a drive through every label, with per-frame ground truth",
-                              description="Write an mp4 drive and PATH.jsonl (one ground-truth line per frame).")
-    clip.add_argument("--out", type=Path, required=True, metavar="PATH.mp4", help="clip to write; ground truth goes to PATH.jsonl")
+    clip = actions.add_parser(
+        "clip",
+        help="a drive through every label, with per-frame ground truth",
+        description="Write an mp4 drive and PATH.jsonl (one ground-truth line per frame).",
+    )
+    clip.add_argument(
+        "--out", type=Path, required=True, metavar="PATH.mp4", help="clip to write; ground truth goes to PATH.jsonl"
+    )
     clip.add_argument("--fps", type=float, default=15.0, help="frames per second (default 15)")
-    clip.add_argument("--segments", default=None, metavar="LIST",
-                      help="comma-separated segment names such as 'highway-clear-day-car,tunnel,urban-night-rain-pedestrians' "
-                           "(default: a 9-segment drive that shows every label)")
+    clip.add_argument(
+        "--segments",
+        default=None,
+        metavar="LIST",
+        help="comma-separated segment names such as 'highway-clear-day-car,tunnel,urban-night-rain-pedestrians' "
+        "(default: a 9-segment drive that shows every label)",
+    )
     clip.add_argument("--segment-seconds", type=float, default=8.0, help="length of each segment (default 8)")
     _common(clip, "640x360")
     clip.set_defaults(func=_run_clip)

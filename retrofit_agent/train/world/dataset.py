@@ -76,8 +76,15 @@ class _ShardWriter:
             self._tar = None
 
 
-def write_image_set(out: Path, count: int, seed: int, size: tuple[int, int], space: LabelSpace,
-                    per_shard: int = 1000, loose_files: bool = True) -> ImageSetSummary:
+def write_image_set(
+    out: Path,
+    count: int,
+    seed: int,
+    size: tuple[int, int],
+    space: LabelSpace,
+    per_shard: int = 1000,
+    loose_files: bool = True,
+) -> ImageSetSummary:
     """Render ``count`` pictures of ``size`` (width, height) into ``out`` (see module doc)."""
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -95,9 +102,15 @@ def write_image_set(out: Path, count: int, seed: int, size: tuple[int, int], spa
                 jpeg = encode_jpeg(render(scene), scene.sensor.jpeg_quality)
                 key = f"world-{i:08d}"
                 record = ImageRecord(
-                    file=f"images/{key}.jpg", key=key, caption=caption(scene, truth.labels, truth.boxes, space),
-                    labels=truth.labels, null_reasons=truth.null_reasons, boxes=list(truth.boxes), seed=s,
-                    width=width, height=height,
+                    file=f"images/{key}.jpg",
+                    key=key,
+                    caption=caption(scene, truth.labels, truth.boxes, space),
+                    labels=truth.labels,
+                    null_reasons=truth.null_reasons,
+                    boxes=list(truth.boxes),
+                    seed=s,
+                    width=width,
+                    height=height,
                 )
                 line = record.model_dump_json()
                 jsonl.write(line + "\n")
@@ -113,10 +126,21 @@ def write_image_set(out: Path, count: int, seed: int, size: tuple[int, int], spa
 
 def label_frequencies(counts: dict[str, Counter], total: int) -> dict[str, dict[str, float]]:
     """Share of pictures per label (``None`` counted as ``"null"``), for printing."""
-    return {g: {str(k) if k is not None else "null": round(v / max(1, total), 4) for k, v in sorted(c.items(), key=lambda kv: str(kv[0]))}
-            for g, c in counts.items()}
+    return {
+        g: {
+            str(k) if k is not None else "null": round(v / max(1, total), 4)
+            for k, v in sorted(c.items(), key=lambda kv: str(kv[0]))
+        }
+        for g, c in counts.items()
+    }
 
 
 def summary_json(summary: ImageSetSummary) -> str:
-    return json.dumps({"count": summary.count, "out": str(summary.out), "shards": summary.shard_pattern,
-                       "label_frequencies": label_frequencies(summary.label_counts, summary.count)})
+    return json.dumps(
+        {
+            "count": summary.count,
+            "out": str(summary.out),
+            "shards": summary.shard_pattern,
+            "label_frequencies": label_frequencies(summary.label_counts, summary.count),
+        }
+    )

@@ -15,9 +15,9 @@ Ground truth is per frame (:mod:`.annotate`): a sign that has not come close eno
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 
@@ -33,13 +33,20 @@ TOKENS: dict[str, tuple[str, str]] = {
     **{w: ("weather", w) for w in ("clear", "cloudy", "rain", "snow", "fog")},
     **{w: ("time_of_day", w) for w in ("day", "dusk", "night")},
     **{w: ("road_type", w) for w in ("highway", "urban", "rural", "parking")},
-    "city": ("road_type", "urban"), "town": ("road_type", "urban"), "country": ("road_type", "rural"),
+    "city": ("road_type", "urban"),
+    "town": ("road_type", "urban"),
+    "country": ("road_type", "rural"),
     **{w: ("scene", w) for w in ("tunnel", "bridge", "construction_zone", "open_road")},
-    "construction": ("scene", "construction_zone"), "open": ("scene", "open_road"),
-    "pedestrians": ("pedestrians", "present"), "people": ("pedestrians", "present"),
-    "cyclists": ("cyclists", "present"), "cyclist": ("cyclists", "present"),
-    **{w: ("traffic_light", w) for w in ("red", "yellow", "green")}, "amber": ("traffic_light", "yellow"),
-    **{w: ("signs", w) for w in ("stop", "speed_limit", "yield")}, "speed": ("signs", "speed_limit"),
+    "construction": ("scene", "construction_zone"),
+    "open": ("scene", "open_road"),
+    "pedestrians": ("pedestrians", "present"),
+    "people": ("pedestrians", "present"),
+    "cyclists": ("cyclists", "present"),
+    "cyclist": ("cyclists", "present"),
+    **{w: ("traffic_light", w) for w in ("red", "yellow", "green")},
+    "amber": ("traffic_light", "yellow"),
+    **{w: ("signs", w) for w in ("stop", "speed_limit", "yield")},
+    "speed": ("signs", "speed_limit"),
     **{w: ("vehicles", w) for w in ("car", "truck", "bus", "motorcycle")},
 }
 
@@ -111,8 +118,9 @@ class DriveFrame:
     scene: Scene
 
 
-def frames(plan: list[Segment], seed: int, fps: float, seconds: float, size: tuple[int, int],
-           space: LabelSpace) -> Iterator[DriveFrame]:
+def frames(
+    plan: list[Segment], seed: int, fps: float, seconds: float, size: tuple[int, int], space: LabelSpace
+) -> Iterator[DriveFrame]:
     """Every frame's scene, in order (render and annotate them as needed)."""
     per_segment = max(1, int(round(seconds * fps)))
     index = 0
@@ -122,14 +130,24 @@ def frames(plan: list[Segment], seed: int, fps: float, seconds: float, size: tup
         speed = min(SPEED_MPS[base.conditions.road_type], _SIGNAL_SPEED.get(segment.fixed["traffic_light"], 99.0))
         if base.conditions.scene == "tunnel":  # start outside, drive in a third of the way through
             start = max(15.0, speed * seconds * 0.35)
-            base = replace(base, conditions=replace(base.conditions, tunnel_start_m=start, fog_m=_outside_fog(base),
-                                                    tunnel_length_m=max(base.conditions.tunnel_length_m, start + 200.0)))
+            base = replace(
+                base,
+                conditions=replace(
+                    base.conditions,
+                    tunnel_start_m=start,
+                    fog_m=_outside_fog(base),
+                    tunnel_length_m=max(base.conditions.tunnel_length_m, start + 200.0),
+                ),
+            )
         # Light rain or snow: every streak is news to a video coder, and a drive at picture
         # densities costs ~8 MB per rainy segment. Still within the pictures range (0.2-1.4).
         # Likewise a video coder smooths away sensor noise and fine texture: soften the frames
         # as a real dashcam file is soft, or the default drive takes ~25 MB instead of ~7.
-        base = replace(base, conditions=replace(base.conditions, precipitation=VIDEO_PRECIPITATION),
-                       sensor=replace(base.sensor, noise=min(base.sensor.noise, 1.0), defocus_px=VIDEO_DEFOCUS_PX))
+        base = replace(
+            base,
+            conditions=replace(base.conditions, precipitation=VIDEO_PRECIPITATION),
+            sensor=replace(base.sensor, noise=min(base.sensor.noise, 1.0), defocus_px=VIDEO_DEFOCUS_PX),
+        )
         for j in range(per_segment):
             t = j / fps
             yield DriveFrame(index, index / fps, segment, k, _at(base, t, speed, seed * 1_000_000 + index))
@@ -144,8 +162,12 @@ def _outside_fog(scene: Scene) -> float:
 
 def _at(base: Scene, t: float, speed: float, frame_seed: int) -> Scene:
     c = base.conditions
-    cond = replace(c, odometer_m=c.odometer_m + speed * t, clock_s=t,
-                   tunnel_start_m=c.tunnel_start_m - speed * t if c.scene == "tunnel" else c.tunnel_start_m)
+    cond = replace(
+        c,
+        odometer_m=c.odometer_m + speed * t,
+        clock_s=t,
+        tunnel_start_m=c.tunnel_start_m - speed * t if c.scene == "tunnel" else c.tunnel_start_m,
+    )
     half = c.lanes * c.lane_width_m / 2
     road = (c.road_offset_m - half, c.road_offset_m + half)
     proj = Projection.of(base)
@@ -198,8 +220,9 @@ def _move(th: Thing, t: float, ego: float, road: tuple[float, float], window: tu
     return replace(th, x=x, z=z, phase=(th.phase + steps) % 1.0)
 
 
-def write_clip(path: Path, plan: list[Segment], seed: int, fps: float, seconds: float, size: tuple[int, int],
-               space: LabelSpace) -> tuple[Path, Path, int]:
+def write_clip(
+    path: Path, plan: list[Segment], seed: int, fps: float, seconds: float, size: tuple[int, int], space: LabelSpace
+) -> tuple[Path, Path, int]:
     """Write the drive to ``path`` (MPEG-4 Part 2, 'mp4v') and ``path`` with ``.jsonl``
     (one :class:`~.records.FrameRecord` per frame). Returns (clip, sidecar, frames)."""
     path = Path(path)
@@ -214,9 +237,18 @@ def write_clip(path: Path, plan: list[Segment], seed: int, fps: float, seconds: 
             for f in frames(plan, seed, fps, seconds, size, space):
                 writer.write(render(f.scene))
                 truth = annotate(f.scene, space)
-                out.write(FrameRecord(frame=f.index, time_s=round(f.time_s, 4), segment=f.segment.name,
-                                      segment_index=f.segment_index, labels=truth.labels,
-                                      null_reasons=truth.null_reasons, boxes=list(truth.boxes)).model_dump_json() + "\n")
+                out.write(
+                    FrameRecord(
+                        frame=f.index,
+                        time_s=round(f.time_s, 4),
+                        segment=f.segment.name,
+                        segment_index=f.segment_index,
+                        labels=truth.labels,
+                        null_reasons=truth.null_reasons,
+                        boxes=list(truth.boxes),
+                    ).model_dump_json()
+                    + "\n"
+                )
                 n += 1
     finally:
         writer.release()

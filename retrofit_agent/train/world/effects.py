@@ -38,8 +38,18 @@ def add_glows(cv: Canvas, wet: bool) -> None:
 
 
 def _ellipse(img: np.ndarray, x: float, y: float, rx: float, ry: float, colour: tuple) -> None:
-    cv2.ellipse(img, (int(x * ONE), int(y * ONE)), (max(1, int(rx * ONE)), max(1, int(ry * ONE))), 0, 0, 360, colour, -1,
-                cv2.LINE_AA, SHIFT)
+    cv2.ellipse(
+        img,
+        (int(x * ONE), int(y * ONE)),
+        (max(1, int(rx * ONE)), max(1, int(ry * ONE))),
+        0,
+        0,
+        360,
+        colour,
+        -1,
+        cv2.LINE_AA,
+        SHIFT,
+    )
 
 
 def _falling(layer: np.ndarray, clock_s: float, vx: float, vy: float) -> np.ndarray:
@@ -68,10 +78,18 @@ def rain(cv: Canvas) -> None:
     cv2.polylines(overlay, np.round(pts * ONE).astype(np.int32), False, (v, v, v), 1, cv2.LINE_AA, SHIFT)
     speed = 1.6 * H
     overlay = _falling(overlay, cv.scene.conditions.clock_s, speed * math.sin(angle), speed * math.cos(angle))
-    cv2.addWeighted(cv.img, 1.0, overlay, rng.uniform(0.25, 0.45) * min(1.0, 0.4 + cv.scene.conditions.precipitation), 0, dst=cv.img)
+    cv2.addWeighted(
+        cv.img, 1.0, overlay, rng.uniform(0.25, 0.45) * min(1.0, 0.4 + cv.scene.conditions.precipitation), 0, dst=cv.img
+    )
     for _ in range(int(rng.integers(0, 14))):  # drops on the windscreen
         x, y, r = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(0.008, 0.025) * H
-        cv.circle(x, y, r, tuple(int(c) for c in np.clip(cv.img[min(H - 1, int(y)), min(W - 1, int(x))].astype(int) + 35, 0, 255)), 1)
+        cv.circle(
+            x,
+            y,
+            r,
+            tuple(int(c) for c in np.clip(cv.img[min(H - 1, int(y)), min(W - 1, int(x))].astype(int) + 35, 0, 255)),
+            1,
+        )
 
 
 def snow(cv: Canvas) -> None:
@@ -88,7 +106,11 @@ def snow(cv: Canvas) -> None:
         for x, y, r in zip(xs, ys, rs):
             v = int(225 + 30 * rng.random())
             cv2.circle(sheet, (int(x * ONE), int(y * ONE)), max(1, int(r * ONE)), (v, v, v), -1, cv2.LINE_AA, SHIFT)
-        np.maximum(layer, _falling(sheet, cv.scene.conditions.clock_s, drift * (1 + depth), (0.12 + 0.2 * depth) * H), out=layer)
+        np.maximum(
+            layer,
+            _falling(sheet, cv.scene.conditions.clock_s, drift * (1 + depth), (0.12 + 0.2 * depth) * H),
+            out=layer,
+        )
     np.maximum(cv.img, layer, out=cv.img)
 
 
@@ -114,7 +136,7 @@ def _noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     if h > _NOISE_SIDE or w > _NOISE_SIDE:
         return rng.standard_normal((h, w, 3), dtype=np.float32)
     y, x = int(rng.integers(0, _NOISE_SIDE - h + 1)), int(rng.integers(0, _NOISE_SIDE - w + 1))
-    window = _noise_bank()[y:y + h, x:x + w]
+    window = _noise_bank()[y : y + h, x : x + w]
     return window[:, ::-1] if rng.random() < 0.5 else window
 
 
@@ -127,7 +149,7 @@ def _radius2(h: int, w: int) -> np.ndarray:
 
 def sensor(cv: Canvas) -> None:
     """Motion blur, white balance and exposure, vignetting, then noise, in that order."""
-    s, rng = cv.scene.sensor, cv.rng
+    s = cv.scene.sensor
     img = cv.img
     if s.blur_px >= 1:
         k = int(math.ceil(s.blur_px)) * 2 + 1

@@ -34,8 +34,18 @@ def _shadow(cv: Canvas, t: Thing, x0: float, x1: float, y1: float) -> None:
         # A patch of ground 0.3 m deep seen from camera height: thin, and thinner with depth.
         w, depth = x1 - x0, cv.proj.f * cv.proj.cam_h * 0.3 / (t.z * t.z)
         col = cv.look.thing((35, 35, 35), t.z)
-        cv2.ellipse(cv.img, (int((x0 + x1) / 2 * ONE), int(y1 * ONE)), (max(1, int(w * 0.55 * ONE)), max(1, int(depth * ONE))),
-                    0, 0, 360, col, -1, cv2.LINE_AA, SHIFT)
+        cv2.ellipse(
+            cv.img,
+            (int((x0 + x1) / 2 * ONE), int(y1 * ONE)),
+            (max(1, int(w * 0.55 * ONE)), max(1, int(depth * ONE))),
+            0,
+            0,
+            360,
+            col,
+            -1,
+            cv2.LINE_AA,
+            SHIFT,
+        )
 
 
 def _mirror(t: Thing, x0: float, x1: float):
@@ -67,16 +77,31 @@ def pedestrian(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float)
         bw = 0.13 * h
         spread = 0.02 * h * swing
         for s in (-1, 1):
-            cv.rect(cx + s * 0.012 * h + (0 if s > 0 else -0.075 * h) + s * spread, hip - 0.01 * h,
-                    cx + s * 0.012 * h + (0.075 * h if s > 0 else 0) + s * spread, y1, trousers)
+            cv.rect(
+                cx + s * 0.012 * h + (0 if s > 0 else -0.075 * h) + s * spread,
+                hip - 0.01 * h,
+                cx + s * 0.012 * h + (0.075 * h if s > 0 else 0) + s * spread,
+                y1,
+                trousers,
+            )
             cv.rect(cx + s * bw, y0 + 0.19 * h, cx + s * (bw + 0.05 * h), y0 + 0.5 * h, shirt)
         coat = 0.68 if t.colours[3][0] % 3 == 0 else 0.0  # some wear long coats
         cv.rect(cx - bw, y0 + 0.17 * h, cx + bw, y0 + max(0.54, coat) * h, shirt)
     r = 0.075 * h
     cv.circle(cx, y0 + r + 0.005 * h, r, skin)
     hair = sh((30, 40, 60) if t.colours[3][1] % 2 else (40, 90, 140), t.z)
-    cv2.ellipse(cv.img, (int(cx * ONE), int((y0 + r) * ONE)), (max(1, int(r * ONE)), max(1, int(r * 0.8 * ONE))),
-                0, 180, 360, hair, -1, cv2.LINE_AA, SHIFT)
+    cv2.ellipse(
+        cv.img,
+        (int(cx * ONE), int((y0 + r) * ONE)),
+        (max(1, int(r * ONE)), max(1, int(r * 0.8 * ONE))),
+        0,
+        180,
+        360,
+        hair,
+        -1,
+        cv2.LINE_AA,
+        SHIFT,
+    )
 
 
 def cyclist(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> None:
@@ -87,7 +112,10 @@ def cyclist(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) ->
     r = 0.2 * h
     tyre = sh(_DARK, t.z)
     thick = max(1, int(round(0.035 * h)))
-    rear, front = (X(0.0) + (r if not t.facing_left else -r), y1 - r), (X(1.0) - (r if not t.facing_left else -r), y1 - r)
+    rear, front = (
+        (X(0.0) + (r if not t.facing_left else -r), y1 - r),
+        (X(1.0) - (r if not t.facing_left else -r), y1 - r),
+    )
     _shadow(cv, t, x0, x1, y1)
     for cx, cy in (rear, front):  # thin rings: the bicycle's signature
         cv.circle(cx, cy, r, tyre, thick)
@@ -103,14 +131,27 @@ def cyclist(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) ->
     cv.line(shoulder[0], shoulder[1], bars[0], bars[1], skin, max(1.0, 0.045 * h))
     ang = 2 * math.pi * t.phase
     for s in (0.0, math.pi):
-        px, py = crank[0] + 0.1 * h * math.cos(ang + s) * (-1 if t.facing_left else 1), crank[1] + 0.1 * h * math.sin(ang + s)
+        px, py = (
+            crank[0] + 0.1 * h * math.cos(ang + s) * (-1 if t.facing_left else 1),
+            crank[1] + 0.1 * h * math.sin(ang + s),
+        )
         knee = ((seat[0] + px) / 2 + (X(0.6) - X(0.5)), (seat[1] + py) / 2 - 0.05 * h)
         cv.line(seat[0], seat[1], knee[0], knee[1], legs, max(1.0, 0.06 * h))
         cv.line(knee[0], knee[1], px, py, legs, max(1.0, 0.05 * h))
     head = (X(0.7), y0 + 0.1 * h)
     cv.circle(head[0], head[1], 0.085 * h, skin)
-    cv2.ellipse(cv.img, (int(head[0] * ONE), int((head[1] - 0.01 * h) * ONE)), (max(1, int(0.1 * h * ONE)), max(1, int(0.07 * h * ONE))),
-                0, 180, 360, frame, -1, cv2.LINE_AA, SHIFT)  # helmet
+    cv2.ellipse(
+        cv.img,
+        (int(head[0] * ONE), int((head[1] - 0.01 * h) * ONE)),
+        (max(1, int(0.1 * h * ONE)), max(1, int(0.07 * h * ONE))),
+        0,
+        180,
+        360,
+        frame,
+        -1,
+        cv2.LINE_AA,
+        SHIFT,
+    )  # helmet
 
 
 # ---------------------------------------------------------------------------------- vehicles
@@ -150,9 +191,21 @@ def _car_end(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -
     body, glass, dark = sh(t.colours[0], t.z), sh(_GLASS, t.z), sh(_DARK, t.z)
     for s in (0.04, 0.78):
         cv.rect(x0 + s * w, y1 - 0.16 * h, x0 + (s + 0.18) * w, y1, dark)
-    cv.poly([(x0 + 0.14 * w, y0 + 0.45 * h), (x0 + 0.24 * w, y0), (x1 - 0.24 * w, y0), (x1 - 0.14 * w, y0 + 0.45 * h)], body, aa=True)
-    cv.poly([(x0 + 0.2 * w, y0 + 0.42 * h), (x0 + 0.27 * w, y0 + 0.07 * h), (x1 - 0.27 * w, y0 + 0.07 * h), (x1 - 0.2 * w, y0 + 0.42 * h)],
-            glass, aa=True)
+    cv.poly(
+        [(x0 + 0.14 * w, y0 + 0.45 * h), (x0 + 0.24 * w, y0), (x1 - 0.24 * w, y0), (x1 - 0.14 * w, y0 + 0.45 * h)],
+        body,
+        aa=True,
+    )
+    cv.poly(
+        [
+            (x0 + 0.2 * w, y0 + 0.42 * h),
+            (x0 + 0.27 * w, y0 + 0.07 * h),
+            (x1 - 0.27 * w, y0 + 0.07 * h),
+            (x1 - 0.2 * w, y0 + 0.42 * h),
+        ],
+        glass,
+        aa=True,
+    )
     cv.rect(x0, y0 + 0.42 * h, x1, y1 - 0.12 * h, body)
     cv.rect(x0 + 0.02 * w, y1 - 0.22 * h, x1 - 0.02 * w, y1 - 0.12 * h, dark)  # bumper
     cv.rect(x0 + 0.4 * w, y0 + 0.62 * h, x1 - 0.4 * w, y0 + 0.74 * h, sh((235, 235, 235), t.z))  # plate
@@ -164,12 +217,32 @@ def _car_end(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -
 def _car_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> None:
     sh = cv.look.thing
     X = _mirror(t, x0, x1)
-    w, h = x1 - x0, y1 - y0
+    h = y1 - y0
     body, glass = sh(t.colours[0], t.z), sh(_GLASS, t.z)
-    cv.poly([(X(0.02), y1 - 0.15 * h), (X(0.0), y0 + 0.42 * h), (X(0.22), y0 + 0.38 * h), (X(0.32), y0),
-             (X(0.7), y0), (X(0.8), y0 + 0.38 * h), (X(1.0), y0 + 0.48 * h), (X(0.99), y1 - 0.15 * h)], body, aa=True)
-    cv.poly([(X(0.3), y0 + 0.38 * h), (X(0.36), y0 + 0.08 * h), (X(0.5), y0 + 0.08 * h), (X(0.5), y0 + 0.38 * h)], glass, aa=True)
-    cv.poly([(X(0.53), y0 + 0.38 * h), (X(0.53), y0 + 0.08 * h), (X(0.68), y0 + 0.08 * h), (X(0.76), y0 + 0.38 * h)], glass, aa=True)
+    cv.poly(
+        [
+            (X(0.02), y1 - 0.15 * h),
+            (X(0.0), y0 + 0.42 * h),
+            (X(0.22), y0 + 0.38 * h),
+            (X(0.32), y0),
+            (X(0.7), y0),
+            (X(0.8), y0 + 0.38 * h),
+            (X(1.0), y0 + 0.48 * h),
+            (X(0.99), y1 - 0.15 * h),
+        ],
+        body,
+        aa=True,
+    )
+    cv.poly(
+        [(X(0.3), y0 + 0.38 * h), (X(0.36), y0 + 0.08 * h), (X(0.5), y0 + 0.08 * h), (X(0.5), y0 + 0.38 * h)],
+        glass,
+        aa=True,
+    )
+    cv.poly(
+        [(X(0.53), y0 + 0.38 * h), (X(0.53), y0 + 0.08 * h), (X(0.68), y0 + 0.08 * h), (X(0.76), y0 + 0.38 * h)],
+        glass,
+        aa=True,
+    )
     r = 0.21 * h
     for u in (0.19, 0.8):
         _wheel(cv, t, X(u), y1 - r, r)
@@ -200,13 +273,30 @@ def _truck_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float
     sh = cv.look.thing
     X = _mirror(t, x0, x1)
     h = y1 - y0
-    cv.poly([(X(0.0), y0), (X(0.76), y0), (X(0.76), y1 - 0.16 * h), (X(0.0), y1 - 0.16 * h)], sh(t.colours[0], t.z), aa=True)
+    cv.poly(
+        [(X(0.0), y0), (X(0.76), y0), (X(0.76), y1 - 0.16 * h), (X(0.0), y1 - 0.16 * h)], sh(t.colours[0], t.z), aa=True
+    )
     cab = sh(t.colours[1], t.z)
-    cv.poly([(X(0.78), y0 + 0.22 * h), (X(0.97), y0 + 0.22 * h), (X(1.0), y0 + 0.45 * h), (X(1.0), y1 - 0.14 * h),
-             (X(0.78), y1 - 0.14 * h)], cab, aa=True)
-    cv.poly([(X(0.88), y0 + 0.27 * h), (X(0.96), y0 + 0.27 * h), (X(0.985), y0 + 0.45 * h), (X(0.88), y0 + 0.45 * h)],
-            sh(_GLASS, t.z), aa=True)
-    cv.poly([(X(0.0), y1 - 0.2 * h), (X(1.0), y1 - 0.2 * h), (X(1.0), y1 - 0.15 * h), (X(0.0), y1 - 0.15 * h)], sh(_DARK, t.z))
+    cv.poly(
+        [
+            (X(0.78), y0 + 0.22 * h),
+            (X(0.97), y0 + 0.22 * h),
+            (X(1.0), y0 + 0.45 * h),
+            (X(1.0), y1 - 0.14 * h),
+            (X(0.78), y1 - 0.14 * h),
+        ],
+        cab,
+        aa=True,
+    )
+    cv.poly(
+        [(X(0.88), y0 + 0.27 * h), (X(0.96), y0 + 0.27 * h), (X(0.985), y0 + 0.45 * h), (X(0.88), y0 + 0.45 * h)],
+        sh(_GLASS, t.z),
+        aa=True,
+    )
+    cv.poly(
+        [(X(0.0), y1 - 0.2 * h), (X(1.0), y1 - 0.2 * h), (X(1.0), y1 - 0.15 * h), (X(0.0), y1 - 0.15 * h)],
+        sh(_DARK, t.z),
+    )
     r = 0.13 * h
     for u in (0.08, 0.17, 0.62, 0.9):
         _wheel(cv, t, X(u), y1 - r, r)
@@ -235,15 +325,32 @@ def _bus_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) 
     X = _mirror(t, x0, x1)
     h = y1 - y0
     body, glass = sh(t.colours[0], t.z), sh(_GLASS, t.z)
-    cv.poly([(X(0.0), y0 + 0.02 * h), (X(1.0), y0 + 0.02 * h), (X(1.0), y1 - 0.1 * h), (X(0.0), y1 - 0.1 * h)], body, aa=True)
+    cv.poly(
+        [(X(0.0), y0 + 0.02 * h), (X(1.0), y0 + 0.02 * h), (X(1.0), y1 - 0.1 * h), (X(0.0), y1 - 0.1 * h)],
+        body,
+        aa=True,
+    )
     if cv.look.time != "day":  # a bus is lit inside after dark
         glass = cv.look.emit((120, 200, 230), t.z)
-    cv.poly([(X(0.03), y0 + 0.15 * h), (X(0.98), y0 + 0.15 * h), (X(0.98), y0 + 0.5 * h), (X(0.03), y0 + 0.5 * h)], glass)
+    cv.poly(
+        [(X(0.03), y0 + 0.15 * h), (X(0.98), y0 + 0.15 * h), (X(0.98), y0 + 0.5 * h), (X(0.03), y0 + 0.5 * h)], glass
+    )
     pillars = []
     for u in np.arange(0.03, 0.98, 0.085):  # the row of side windows
-        pillars.append(np.array([(X(u), y0 + 0.15 * h), (X(u + 0.012), y0 + 0.15 * h), (X(u + 0.012), y0 + 0.5 * h), (X(u), y0 + 0.5 * h)]))
+        pillars.append(
+            np.array(
+                [
+                    (X(u), y0 + 0.15 * h),
+                    (X(u + 0.012), y0 + 0.15 * h),
+                    (X(u + 0.012), y0 + 0.5 * h),
+                    (X(u), y0 + 0.5 * h),
+                ]
+            )
+        )
     cv.polys(pillars, body)
-    cv.poly([(X(0.86), y0 + 0.15 * h), (X(0.94), y0 + 0.15 * h), (X(0.94), y1 - 0.12 * h), (X(0.86), y1 - 0.12 * h)], glass)  # door
+    cv.poly(
+        [(X(0.86), y0 + 0.15 * h), (X(0.94), y0 + 0.15 * h), (X(0.94), y1 - 0.12 * h), (X(0.86), y1 - 0.12 * h)], glass
+    )  # door
     r = 0.15 * h
     for u in (0.18, 0.83):
         _wheel(cv, t, X(u), y1 - r, r)
@@ -258,8 +365,17 @@ def _moto_side(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float)
         cv.circle(X(u), y1 - r, r, sh(_DARK, t.z))  # fat solid tyres, not rings
         cv.circle(X(u), y1 - r, r * 0.35, sh((160, 160, 160), t.z))
     body = sh(t.colours[0], t.z)
-    cv.poly([(X(0.25), y1 - 0.3 * h), (X(0.3), y1 - 0.55 * h), (X(0.72), y1 - 0.6 * h), (X(0.78), y1 - 0.38 * h),
-             (X(0.55), y1 - 0.22 * h)], body, aa=True)  # tank, engine and fairing in one block
+    cv.poly(
+        [
+            (X(0.25), y1 - 0.3 * h),
+            (X(0.3), y1 - 0.55 * h),
+            (X(0.72), y1 - 0.6 * h),
+            (X(0.78), y1 - 0.38 * h),
+            (X(0.55), y1 - 0.22 * h),
+        ],
+        body,
+        aa=True,
+    )  # tank, engine and fairing in one block
     cv.rect(min(X(0.4), X(0.58)), y1 - 0.32 * h, max(X(0.4), X(0.58)), y1 - 0.18 * h, sh((90, 90, 95), t.z))  # engine
     rider = sh(t.colours[1], t.z)
     cv.line(X(0.42), y1 - 0.6 * h, X(0.52), y0 + 0.2 * h, rider, max(1.0, 0.13 * h))
@@ -276,8 +392,16 @@ def _moto_rear(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float)
     cv.rect(cx - 0.11 * w, y1 - 0.3 * h, cx + 0.11 * w, y1, sh(_DARK, t.z))  # the fat rear tyre
     cv.rect(cx - 0.24 * w, y1 - 0.48 * h, cx + 0.24 * w, y1 - 0.28 * h, sh(t.colours[0], t.z))
     rider = sh(t.colours[1], t.z)
-    cv.poly([(cx - 0.3 * w, y0 + 0.62 * h), (cx - 0.26 * w, y0 + 0.2 * h), (cx + 0.26 * w, y0 + 0.2 * h), (cx + 0.3 * w, y0 + 0.62 * h)],
-            rider, aa=True)
+    cv.poly(
+        [
+            (cx - 0.3 * w, y0 + 0.62 * h),
+            (cx - 0.26 * w, y0 + 0.2 * h),
+            (cx + 0.26 * w, y0 + 0.2 * h),
+            (cx + 0.3 * w, y0 + 0.62 * h),
+        ],
+        rider,
+        aa=True,
+    )
     cv.line(x0, y0 + 0.42 * h, x1, y0 + 0.42 * h, sh(_DARK, t.z), max(1.0, 0.03 * h))  # handlebar and mirrors
     for x in (x0 + 0.03 * w, x1 - 0.03 * w):
         cv.circle(x, y0 + 0.36 * h, 0.035 * h, sh(_DARK, t.z))
@@ -304,7 +428,13 @@ def traffic_light(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: flo
         cv.line(cx, ty, bx, ty, pole, pw)
         cv.line(cx, ty, cx, y0, pole, pw * 0.6)
         cv.rect(bx - pw / 2, ty, bx + pw / 2, p.py(0, t.z), pole)
-    cv.rect(x0 - 0.08 * w, y0 - 0.03 * h, x1 + 0.08 * w, y1 + 0.03 * h, sh((215, 215, 210) if t.colours[0][2] > 60 else _DARK, t.z))
+    cv.rect(
+        x0 - 0.08 * w,
+        y0 - 0.03 * h,
+        x1 + 0.08 * w,
+        y1 + 0.03 * h,
+        sh((215, 215, 210) if t.colours[0][2] > 60 else _DARK, t.z),
+    )
     cv.rect(x0, y0, x1, y1, sh(t.colours[0], t.z))
     r = 0.36 * w
     lit = _LAMP_ROW[t.label]
@@ -382,7 +512,9 @@ def _text(cv: Canvas, text: str, cx: float, cy: float, width: float, colour: BGR
     scale = width / tw
     thick = max(1, int(round(scale * 2.2)))
     (tw, th), _ = cv2.getTextSize(text, font, scale, thick)
-    cv2.putText(cv.img, text, (int(round(cx - tw / 2)), int(round(cy + th / 2))), font, scale, colour, thick, cv2.LINE_AA)
+    cv2.putText(
+        cv.img, text, (int(round(cx - tw / 2)), int(round(cy + th / 2))), font, scale, colour, thick, cv2.LINE_AA
+    )
 
 
 def cone(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> None:
@@ -391,10 +523,23 @@ def cone(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> No
     cx = (x0 + x1) / 2
     orange, white = sh(t.colours[0], t.z), _reflect(cv, (235, 235, 235), t.z)
     cv.rect(x0, y1 - 0.08 * h, x1, y1, sh(_DARK, t.z))
-    cv.poly([(x0 + 0.12 * w, y1 - 0.08 * h), (cx - 0.06 * w, y0), (cx + 0.06 * w, y0), (x1 - 0.12 * w, y1 - 0.08 * h)], orange, aa=True)
+    cv.poly(
+        [(x0 + 0.12 * w, y1 - 0.08 * h), (cx - 0.06 * w, y0), (cx + 0.06 * w, y0), (x1 - 0.12 * w, y1 - 0.08 * h)],
+        orange,
+        aa=True,
+    )
     for a, b in ((0.3, 0.42), (0.55, 0.64)):
         wa, wb = 0.06 + 0.38 * a, 0.06 + 0.38 * b
-        cv.poly([(cx - wb * w, y0 + b * h), (cx - wa * w, y0 + a * h), (cx + wa * w, y0 + a * h), (cx + wb * w, y0 + b * h)], white, aa=True)
+        cv.poly(
+            [
+                (cx - wb * w, y0 + b * h),
+                (cx - wa * w, y0 + a * h),
+                (cx + wa * w, y0 + a * h),
+                (cx + wb * w, y0 + b * h),
+            ],
+            white,
+            aa=True,
+        )
 
 
 def barrier(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) -> None:
@@ -408,8 +553,14 @@ def barrier(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) ->
     stripes, step = [], 0.38 * h
     x = x0 - 0.4 * h
     while x < x1:  # diagonal stripes; x clamped to the board so none overhangs its ends
-        q = np.array([(x, y0 + 0.5 * h), (x + step * 0.5, y0 + 0.5 * h), (x + step * 0.5 + 0.38 * h, y0 + 0.12 * h),
-                      (x + 0.38 * h, y0 + 0.12 * h)])
+        q = np.array(
+            [
+                (x, y0 + 0.5 * h),
+                (x + step * 0.5, y0 + 0.5 * h),
+                (x + step * 0.5 + 0.38 * h, y0 + 0.12 * h),
+                (x + 0.38 * h, y0 + 0.12 * h),
+            ]
+        )
         q[:, 0] = np.clip(q[:, 0], x0, x1)
         stripes.append(q)
         x += step
@@ -421,6 +572,11 @@ def barrier(cv: Canvas, t: Thing, x0: float, y0: float, x1: float, y1: float) ->
 
 
 _DRAW = {
-    "pedestrian": pedestrian, "cyclist": cyclist, "vehicle": vehicle, "traffic_light": traffic_light,
-    "sign": sign, "cone": cone, "barrier": barrier,
+    "pedestrian": pedestrian,
+    "cyclist": cyclist,
+    "vehicle": vehicle,
+    "traffic_light": traffic_light,
+    "sign": sign,
+    "cone": cone,
+    "barrier": barrier,
 }

@@ -94,7 +94,12 @@ def _clouds(cv: Canvas, rng: np.random.Generator, y0: int) -> None:
 
 def _blob(cv: Canvas, rng: np.random.Generator, cx: float, cy: float, size: float, col: BGR) -> None:
     for _ in range(4):
-        cv.circle(cx + rng.uniform(-0.6, 0.6) * size, cy + rng.uniform(-0.15, 0.15) * size, size * rng.uniform(0.25, 0.45), col)
+        cv.circle(
+            cx + rng.uniform(-0.6, 0.6) * size,
+            cy + rng.uniform(-0.15, 0.15) * size,
+            size * rng.uniform(0.25, 0.45),
+            col,
+        )
 
 
 def far_horizon(cv: Canvas) -> None:
@@ -119,7 +124,9 @@ def far_horizon(cv: Canvas) -> None:
     phase = rng.uniform(0, 6.28, 3)
     freq = rng.uniform(1, 5, 3)
     amp = rng.uniform(0.01, 0.07) * H
-    prof = amp * (1.3 + 0.5 * np.sin(freq[0] * xs / W * 6.28 + phase[0]) + 0.3 * np.sin(freq[1] * xs / W * 12.5 + phase[1]))
+    prof = amp * (
+        1.3 + 0.5 * np.sin(freq[0] * xs / W * 6.28 + phase[0]) + 0.3 * np.sin(freq[1] * xs / W * 12.5 + phase[1])
+    )
     if c.road_type == "rural" or rng.random() < 0.5:  # a treeline: rough top
         prof = prof * 0.6 + rng.uniform(0, 0.012 * H, len(xs))
     base = (70, 110, 80) if c.weather != "snow" else (200, 200, 200)
@@ -204,7 +211,9 @@ def _road_surface(cv: Canvas, z0: float, z1: float, snow: bool) -> None:
         for k in range(c.lanes):
             centre = xl + (k + 0.5) * c.lane_width_m
             for dx in (-0.8, 0.8):
-                cv.poly(cv.ground_band(centre + dx - 0.25, centre + dx + 0.25, z0, z1), tuple(int(v * 0.7) for v in road))
+                cv.poly(
+                    cv.ground_band(centre + dx - 0.25, centre + dx + 0.25, z0, z1), tuple(int(v * 0.7) for v in road)
+                )
 
 
 def markings(cv: Canvas, z0: float, z1: float) -> None:

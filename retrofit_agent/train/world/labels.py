@@ -76,11 +76,15 @@ def load_label_space(path: Path = DEFAULT_PROMPTS) -> LabelSpace:
     for group in doc.get("groups", []):
         name = str(group.get("name"))
         if name not in RENDERABLE:
-            raise LabelSpaceError(f"prompts file {str(path)!r}: the world cannot render group {name!r} (it draws {sorted(RENDERABLE)})")
+            raise LabelSpaceError(
+                f"prompts file {str(path)!r}: the world cannot render group {name!r} (it draws {sorted(RENDERABLE)})"
+            )
         labels = tuple(str(label["name"]) for label in group.get("labels", []))
         unknown = [label for label in labels if label not in RENDERABLE[name]]
         if unknown:
-            raise LabelSpaceError(f"prompts file {str(path)!r}: the world cannot render {name}.{unknown[0]} (it draws {list(RENDERABLE[name])})")
+            raise LabelSpaceError(
+                f"prompts file {str(path)!r}: the world cannot render {name}.{unknown[0]} (it draws {list(RENDERABLE[name])})"
+            )
         # The empty label of an object group is always available: it is what "nothing in view" means.
         if name in EMPTY and EMPTY[name] not in labels:
             labels = labels + (EMPTY[name],)

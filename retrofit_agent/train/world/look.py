@@ -54,7 +54,7 @@ class Look:
     wet: bool
 
     @classmethod
-    def of(cls, scene: Scene, inside_tunnel: bool = False) -> "Look":
+    def of(cls, scene: Scene, inside_tunnel: bool = False) -> Look:
         c = scene.conditions
         rng = np.random.default_rng(c.layout_seed)
         jitter = rng.normal(0, 8, 6)
@@ -68,9 +68,15 @@ class Look:
             ambient = np.array(_TUNNEL_LAMPS[c.palette[3] % 2]) * rng.uniform(0.8, 1.05)
             fog, head = np.array((90.0, 95.0, 100.0)), 0.2
         return cls(
-            ambient=ambient, headlight=head, fog_colour=fog, fog_m=max(c.fog_m, 300.0) if inside_tunnel else c.fog_m,
-            sky_top=np.clip(np.array(top) + jitter[:3], 0, 255), sky_bottom=np.clip(np.array(bottom) + jitter[3:], 0, 255),
-            time=c.time_of_day, weather=c.weather, wet=c.weather == "rain" and not inside_tunnel,
+            ambient=ambient,
+            headlight=head,
+            fog_colour=fog,
+            fog_m=max(c.fog_m, 300.0) if inside_tunnel else c.fog_m,
+            sky_top=np.clip(np.array(top) + jitter[:3], 0, 255),
+            sky_bottom=np.clip(np.array(bottom) + jitter[3:], 0, 255),
+            time=c.time_of_day,
+            weather=c.weather,
+            wet=c.weather == "rain" and not inside_tunnel,
         )
 
     def __post_init__(self) -> None:
@@ -86,9 +92,11 @@ class Look:
         a = self.haze(z)
         head = self.headlight * math.exp(-z / _BEAM_M)
         (b, g, r), (ab, ag, ar), (fb, fg, fr) = bgr, self._amb, self._fog
-        return (int(min(255.0, b * (ab + head)) * (1 - a) + fb * a),
-                int(min(255.0, g * (ag + head)) * (1 - a) + fg * a),
-                int(min(255.0, r * (ar + head)) * (1 - a) + fr * a))
+        return (
+            int(min(255.0, b * (ab + head)) * (1 - a) + fb * a),
+            int(min(255.0, g * (ag + head)) * (1 - a) + fg * a),
+            int(min(255.0, r * (ar + head)) * (1 - a) + fr * a),
+        )
 
     def thing(self, bgr: BGR | tuple[float, ...], z: float) -> BGR:
         """:meth:`shade` for labelled instances: at night street lights and headlights keep
@@ -99,8 +107,11 @@ class Look:
         (b, g, r), (fb, fg, fr) = bgr, self._fog
         head = self.headlight * math.exp(-z / _BEAM_M)
         lb, lg, lr = (max(self._floor, v + head) for v in self._amb)
-        return (int(min(255.0, b * lb) * (1 - a) + fb * a), int(min(255.0, g * lg) * (1 - a) + fg * a),
-                int(min(255.0, r * lr) * (1 - a) + fr * a))
+        return (
+            int(min(255.0, b * lb) * (1 - a) + fb * a),
+            int(min(255.0, g * lg) * (1 - a) + fg * a),
+            int(min(255.0, r * lr) * (1 - a) + fr * a),
+        )
 
     def emit(self, bgr: BGR, z: float) -> BGR:
         """Light sources: no ambient, and fog only dims them half as much (they glow through)."""

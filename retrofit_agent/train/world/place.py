@@ -10,8 +10,8 @@ shows their shape and lamp; people and vehicles keep life size and come closer i
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -28,8 +28,18 @@ _SPEED_LIMITS = (20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120)
 _LAMPS = {"red": (40, 35, 250), "yellow": (0, 185, 255), "green": (150, 250, 60)}
 _SKIN = ((60, 90, 140), (90, 130, 190), (120, 160, 220), (80, 110, 160), (45, 65, 100), (140, 180, 230))
 _TROUSERS = ((40, 30, 30), (110, 60, 30), (50, 50, 50), (90, 110, 120), (30, 40, 70), (160, 160, 160), (20, 20, 20))
-_CAR = ((235, 235, 235), (25, 25, 25), (170, 170, 170), (40, 40, 190), (150, 70, 20), (60, 110, 40),
-        (30, 140, 210), (110, 110, 110), (100, 40, 100), (200, 170, 90))
+_CAR = (
+    (235, 235, 235),
+    (25, 25, 25),
+    (170, 170, 170),
+    (40, 40, 190),
+    (150, 70, 20),
+    (60, 110, 40),
+    (30, 140, 210),
+    (110, 110, 110),
+    (100, 40, 100),
+    (200, 170, 90),
+)
 _TRUCK_BOX = ((225, 225, 225), (200, 200, 195), (40, 90, 200), (160, 90, 40), (60, 60, 60), (40, 160, 60))
 _BUS = ((30, 170, 240), (200, 90, 30), (40, 40, 200), (230, 230, 230), (60, 150, 60), (20, 200, 230))
 
@@ -168,8 +178,11 @@ class Placer:
 
         def propose(relax: float) -> Thing | None:
             h = float(rng.uniform(1.55, 1.9))
-            crossing = (c.road_type in ("urban", "rural") and not self.tunnel_inside
-                        and rng.random() < (0.35 if c.road_type == "urban" else 0.2))
+            crossing = (
+                c.road_type in ("urban", "rural")
+                and not self.tunnel_inside
+                and rng.random() < (0.35 if c.road_type == "urban" else 0.2)
+            )
             side = crossing or rng.random() < 0.4
             width = 0.6 if side else 0.5
             z = self.frac_depth(h, 0.11, 0.42, relax)
@@ -177,10 +190,16 @@ class Placer:
             if x is None:
                 return None
             return Thing(
-                kind="pedestrian", label="present", x=x, z=z, width_m=width, height_m=h,
+                kind="pedestrian",
+                label="present",
+                x=x,
+                z=z,
+                width_m=width,
+                height_m=h,
                 view="side" if side else "front",
                 colours=(_bright(rng), _pick(rng, _TROUSERS), _pick(rng, _SKIN), _bright(rng)),
-                phase=float(rng.random()), facing_left=bool(rng.random() < 0.5),
+                phase=float(rng.random()),
+                facing_left=bool(rng.random() < 0.5),
             )
 
         return self.place(propose, count, key)
@@ -202,9 +221,16 @@ class Placer:
             if x is None:
                 return None
             return Thing(
-                kind="cyclist", label="present", x=x, z=z, width_m=length, height_m=h, view="side",
+                kind="cyclist",
+                label="present",
+                x=x,
+                z=z,
+                width_m=length,
+                height_m=h,
+                view="side",
                 colours=(_bright(rng), _bright(rng), _pick(rng, _SKIN), _pick(rng, _TROUSERS)),
-                phase=float(rng.random()), facing_left=bool(rng.random() < 0.5),
+                phase=float(rng.random()),
+                facing_left=bool(rng.random() < 0.5),
             )
 
         return self.place(propose, count, key)
@@ -222,8 +248,15 @@ class Placer:
                 return None
             elev = self.mount(z, k, 4.5, 5.6) if overhead else self.mount(z, k, 2.2, 3.6)
             return Thing(
-                kind="traffic_light", label=state, x=x, z=z, width_m=0.42 * k, height_m=k, elevation_m=elev,
-                colours=(_pick(rng, housing), _pick(rng, (_LAMPS[state],))), pole_m=0.0 if overhead else elev,
+                kind="traffic_light",
+                label=state,
+                x=x,
+                z=z,
+                width_m=0.42 * k,
+                height_m=k,
+                elevation_m=elev,
+                colours=(_pick(rng, housing), _pick(rng, (_LAMPS[state],))),
+                pole_m=0.0 if overhead else elev,
             )
 
         return self.place(propose, count, key)
@@ -241,8 +274,15 @@ class Placer:
                 return None
             elev = self.mount(z, d, 4.6, 5.6) if gantry else self.mount(z, d, 1.4, 2.4)
             return Thing(
-                kind="sign", label=kind, x=x, z=z, width_m=d, height_m=d, elevation_m=elev,
-                pole_m=0.0 if gantry else elev, number=int(rng.choice(_SPEED_LIMITS)),
+                kind="sign",
+                label=kind,
+                x=x,
+                z=z,
+                width_m=d,
+                height_m=d,
+                elevation_m=elev,
+                pole_m=0.0 if gantry else elev,
+                number=int(rng.choice(_SPEED_LIMITS)),
                 colours=(_pick(rng, ((35, 30, 200), (45, 40, 180), (30, 20, 220))), _pick(rng, ((235, 235, 235),))),
             )
 
@@ -250,8 +290,12 @@ class Placer:
 
     def vehicles(self, kind: str, count: int, key: bool = True) -> list[Thing]:
         rng, c = self.rng, self.scene.conditions
-        p_view = {"highway": (1.0, 0.0, 0.0), "urban": (0.5, 0.3, 0.2), "rural": (0.55, 0.15, 0.3),
-                  "parking": (0.35, 0.65, 0.0)}[c.road_type]
+        p_view = {
+            "highway": (1.0, 0.0, 0.0),
+            "urban": (0.5, 0.3, 0.2),
+            "rural": (0.55, 0.15, 0.3),
+            "parking": (0.35, 0.65, 0.0),
+        }[c.road_type]
         two_way = c.road_type in ("urban", "rural")
         same_way = range(c.lanes // 2, c.lanes) if two_way else range(c.lanes)
 
@@ -276,8 +320,16 @@ class Placer:
             if x is None:
                 return None
             return Thing(
-                kind="vehicle", label=kind, x=x, z=z, width_m=float(length), height_m=height, view=view,  # type: ignore[arg-type]
-                colours=(colour, _bright(rng)), facing_left=bool(rng.random() < 0.5), phase=float(rng.random()),
+                kind="vehicle",
+                label=kind,
+                x=x,
+                z=z,
+                width_m=float(length),
+                height_m=height,
+                view=view,  # type: ignore[arg-type]
+                colours=(colour, _bright(rng)),
+                facing_left=bool(rng.random() < 0.5),
+                phase=float(rng.random()),
             )
 
         return self.place(propose, count, key)
@@ -309,9 +361,15 @@ class Placer:
                 out.append(t)
         side = 1 if line <= (self.xl + self.xr) / 2 else -1  # close the lane on the road's wider side
         for _ in range(int(rng.integers(1, 3))):
-            t = Thing(kind="barrier", label="construction_zone", x=float(line + side * c.lane_width_m * 0.5),
-                      z=float(out[0].z + rng.uniform(2, 12)), width_m=float(rng.uniform(1.6, 2.6)),
-                      height_m=float(rng.uniform(0.9, 1.2)), colours=(((0, 110, 255), (0, 200, 255))[int(rng.integers(0, 2))],))
+            t = Thing(
+                kind="barrier",
+                label="construction_zone",
+                x=float(line + side * c.lane_width_m * 0.5),
+                z=float(out[0].z + rng.uniform(2, 12)),
+                width_m=float(rng.uniform(1.6, 2.6)),
+                height_m=float(rng.uniform(0.9, 1.2)),
+                colours=(((0, 110, 255), (0, 200, 255))[int(rng.integers(0, 2))],),
+            )
             if self.fits(t, key=False):
                 self.placed.append(t)
                 out.append(t)
@@ -332,16 +390,27 @@ def _vehicle_size(rng: np.random.Generator, kind: str) -> tuple[float, float, tu
 
 
 def _cone(rng: np.random.Generator, x: float, z: float, h: float) -> Thing:
-    return Thing(kind="cone", label="construction_zone", x=float(x), z=float(z),
-                 width_m=0.55 * h, height_m=float(h), colours=((0, int(rng.integers(90, 150)), 255),))
+    return Thing(
+        kind="cone",
+        label="construction_zone",
+        x=float(x),
+        z=float(z),
+        width_m=0.55 * h,
+        height_m=float(h),
+        colours=((0, int(rng.integers(90, 150)), 255),),
+    )
 
 
 def place_things(rng: np.random.Generator, scene: Scene, labels: dict[str, str]) -> list[Thing]:
     """Instances for every object label in ``labels`` (and cones for a construction zone)."""
     p = Placer(rng, scene)
-    counts = {"traffic_light": int(rng.integers(1, 3)), "signs": int(rng.integers(1, 3)),
-              "pedestrians": int(rng.choice([1, 1, 2, 3, 4])), "cyclists": int(rng.choice([1, 1, 2])),
-              "vehicles": int(rng.choice([1, 1, 2, 3]))}
+    counts = {
+        "traffic_light": int(rng.integers(1, 3)),
+        "signs": int(rng.integers(1, 3)),
+        "pedestrians": int(rng.choice([1, 1, 2, 3, 4])),
+        "cyclists": int(rng.choice([1, 1, 2])),
+        "vehicles": int(rng.choice([1, 1, 2, 3])),
+    }
     adders = {
         "traffic_light": lambda n, key: p.traffic_lights(labels["traffic_light"], n, key),
         "signs": lambda n, key: p.signs(labels["signs"], n, key),

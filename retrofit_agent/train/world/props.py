@@ -12,8 +12,17 @@ import numpy as np
 from retrofit_agent.train.world.canvas import Canvas, hash01
 from retrofit_agent.train.world.look import BGR
 
-_FACADES = ((150, 170, 195), (90, 110, 160), (175, 175, 170), (120, 130, 135), (80, 95, 140),
-            (180, 160, 130), (200, 205, 210), (140, 120, 110), (110, 150, 170))
+_FACADES = (
+    (150, 170, 195),
+    (90, 110, 160),
+    (175, 175, 170),
+    (120, 130, 135),
+    (80, 95, 140),
+    (180, 160, 130),
+    (200, 205, 210),
+    (140, 120, 110),
+    (110, 150, 170),
+)
 _GREENS = ((40, 110, 50), (50, 130, 70), (35, 90, 60), (60, 140, 90), (45, 120, 100))
 _CONCRETE: BGR = (165, 165, 160)
 _STEEL: BGR = (175, 175, 170)
@@ -62,7 +71,9 @@ def buildings(cv: Canvas, z0: float, z1: float) -> None:
                 continue
             za, zb = max(za, 0.5), min(zb, z1)
             colour = _FACADES[int(_h(cv, side, k, 2) * len(_FACADES))]
-            blocks.append((za, zb, side, base_x + side * 0.6 * _h(cv, side, k, 3), 6 + 20 * _h(cv, side, k, 4), colour, k))
+            blocks.append(
+                (za, zb, side, base_x + side * 0.6 * _h(cv, side, k, 3), 6 + 20 * _h(cv, side, k, 4), colour, k)
+            )
     for za, zb, side, x, height, colour, k in sorted(blocks, key=lambda b: -b[0]):
         mid = (za + zb) / 2
         cv.poly(cv.wall_band(x, 0, height, za, zb), look.shade(colour, mid))
@@ -80,8 +91,14 @@ def _windows(cv: Canvas, x: float, za: float, zb: float, height: float, night: b
     rows = np.arange(1.4, height - 1.0, 3.0)
     for j, zw in enumerate(zs):
         for i, h in enumerate(rows):
-            q = np.array([(p.px(x, zw), p.py(h + 1.6, zw)), (p.px(x, zw + 1.3), p.py(h + 1.6, zw + 1.3)),
-                          (p.px(x, zw + 1.3), p.py(h, zw + 1.3)), (p.px(x, zw), p.py(h, zw))])
+            q = np.array(
+                [
+                    (p.px(x, zw), p.py(h + 1.6, zw)),
+                    (p.px(x, zw + 1.3), p.py(h + 1.6, zw + 1.3)),
+                    (p.px(x, zw + 1.3), p.py(h, zw + 1.3)),
+                    (p.px(x, zw), p.py(h, zw)),
+                ]
+            )
             (lit if night and hash01(key, i, j) < 0.45 else dark).append(q)
     zm = (za + zb) / 2
     cv.polys(dark, look.shade((85, 70, 60), zm))
@@ -89,11 +106,11 @@ def _windows(cv: Canvas, x: float, za: float, zb: float, height: float, night: b
 
 
 def lamps(cv: Canvas, z0: float, z1: float, pitch: float, both: bool) -> None:
-    c, look, p = cv.scene.conditions, cv.look, cv.proj
+    c = cv.scene.conditions
     lit = c.time_of_day != "day"
     inset = sidewalk_width(cv) * 0.3 if c.road_type == "urban" else 1.0
     for k in reversed(cv.indices(pitch, z0, min(z1, 150.0))):
-        for side in ((-1, 1) if both else (1,)):
+        for side in (-1, 1) if both else (1,):
             z = cv.prop_z(k, pitch, 4.0, 30 + side)
             if not z0 < z < z1 or z < 1.0:
                 continue
@@ -146,7 +163,12 @@ def trees(cv: Canvas, z0: float, z1: float, inner: float, spread: float, density
             green = tuple(int(0.4 * g + 0.6 * 225) for g in green)  # type: ignore[assignment]
         cy = p.py(trunk_h + crown, z)
         cv.circle(bx, cy, crown * s, look.shade(green, z))
-        cv.circle(bx - 0.3 * crown * s, cy - 0.3 * crown * s, 0.6 * crown * s, look.shade(tuple(min(255, v * 1.15) for v in green), z))  # type: ignore[arg-type]
+        cv.circle(
+            bx - 0.3 * crown * s,
+            cy - 0.3 * crown * s,
+            0.6 * crown * s,
+            look.shade(tuple(min(255, v * 1.15) for v in green), z),
+        )  # type: ignore[arg-type]
 
 
 def fence(cv: Canvas, z0: float, z1: float) -> None:
@@ -158,8 +180,16 @@ def fence(cv: Canvas, z0: float, z1: float) -> None:
         if z0 < z < z1 and z > 1.0:
             s = p.scale(z)
             bx = p.px(x, z)
-            posts.append(np.array([(bx - 0.06 * s, p.py(1.1, z)), (bx + 0.06 * s, p.py(1.1, z)),
-                                   (bx + 0.06 * s, p.py(0, z)), (bx - 0.06 * s, p.py(0, z))]))
+            posts.append(
+                np.array(
+                    [
+                        (bx - 0.06 * s, p.py(1.1, z)),
+                        (bx + 0.06 * s, p.py(1.1, z)),
+                        (bx + 0.06 * s, p.py(0, z)),
+                        (bx - 0.06 * s, p.py(0, z)),
+                    ]
+                )
+            )
     cv.polys(posts, look.shade((60, 80, 100), 15.0))
     cv.polylines([cv.ground_pts(x, cv.zs(max(z0, 1.0), min(z1, 60.0)), 1.0)], look.shade((90, 90, 90), 15.0))
 
@@ -176,8 +206,16 @@ def rails(cv: Canvas, z0: float, z1: float) -> None:
         z = cv.prop_z(k, 4.0, 0.0, 60)
         if za < z < zb:
             s, bx = cv.proj.scale(z), cv.proj.px(right, z)
-            posts.append(np.array([(bx - 0.07 * s, cv.proj.py(0.75, z)), (bx + 0.07 * s, cv.proj.py(0.75, z)),
-                                   (bx + 0.07 * s, cv.proj.py(0, z)), (bx - 0.07 * s, cv.proj.py(0, z))]))
+            posts.append(
+                np.array(
+                    [
+                        (bx - 0.07 * s, cv.proj.py(0.75, z)),
+                        (bx + 0.07 * s, cv.proj.py(0.75, z)),
+                        (bx + 0.07 * s, cv.proj.py(0, z)),
+                        (bx - 0.07 * s, cv.proj.py(0, z)),
+                    ]
+                )
+            )
     cv.polys(posts, look.shade((90, 90, 90), 20.0))
     cv.poly(cv.wall_band(right, 0.45, 0.8, za, zb), look.shade(_STEEL, 25.0))
 
@@ -202,7 +240,7 @@ def lot(cv: Canvas, z0: float, z1: float) -> None:
 
 
 def _windows_across(cv: Canvas, z: float, height: float, night: bool) -> None:
-    p, look = cv.proj, cv.look
+    look = cv.look
     polys_dark, polys_lit = [], []
     for i, h in enumerate(np.arange(1.5, height - 1.0, 3.0)):
         for j, x in enumerate(np.arange(-40.0, 40.0, 3.0)):

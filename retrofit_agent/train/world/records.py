@@ -19,14 +19,18 @@ class BoxRecord(_Record):
     kind: str = Field(description="pedestrian, cyclist, traffic_light, sign, vehicle, cone or barrier")
     group: str = Field(description="the label group this instance decides ('scene' for cones and barriers)")
     label: str = Field(description="'present' for people, else the state or type: red, stop, bus, construction_zone")
-    xyxy: tuple[int, int, int, int] = Field(description="pixel box x0, y0, x1, y1 (clipped to the image, x1/y1 exclusive)")
+    xyxy: tuple[int, int, int, int] = Field(
+        description="pixel box x0, y0, x1, y1 (clipped to the image, x1/y1 exclusive)"
+    )
     xyxy_norm: tuple[float, float, float, float] = Field(description="the box divided by width/height, in [0, 1]")
     depth_m: float = Field(description="distance ahead of the camera")
     legible: bool = Field(description="large, visible and clear enough to decide its group's label")
 
 
-_NULL_REASONS = ("group -> why its label is null: 'inside_tunnel' (weather, time of day), 'illegible' (instances "
-                 "too small, hidden, cut off or fogged), 'no_cones_in_view' (construction zone between cones)")
+_NULL_REASONS = (
+    "group -> why its label is null: 'inside_tunnel' (weather, time of day), 'illegible' (instances "
+    "too small, hidden, cut off or fogged), 'no_cones_in_view' (construction zone between cones)"
+)
 
 
 class ImageRecord(_Record):

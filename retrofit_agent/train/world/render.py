@@ -27,9 +27,13 @@ def render(scene: Scene) -> np.ndarray:
     inside = inside_tunnel(scene)
     half = c.lanes * c.lane_width_m / 2
     cv = Canvas(
-        img=np.empty((scene.height, scene.width, 3), np.uint8), scene=scene, proj=Projection.of(scene),
-        look=Look.of(scene, inside_tunnel=inside), rng=np.random.default_rng([scene.seed, 7]),
-        xl=c.road_offset_m - half, xr=c.road_offset_m + half,
+        img=np.empty((scene.height, scene.width, 3), np.uint8),
+        scene=scene,
+        proj=Projection.of(scene),
+        look=Look.of(scene, inside_tunnel=inside),
+        rng=np.random.default_rng([scene.seed, 7]),
+        xl=c.road_offset_m - half,
+        xr=c.road_offset_m + half,
     )
     z0, z1 = cv.visible_range()
     things = sorted(scene.things, key=lambda t: -t.z)

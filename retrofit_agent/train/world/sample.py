@@ -10,8 +10,8 @@ frame, unoccluded and clear of fog (see :mod:`.annotate` for what "legible" mean
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Mapping
 
 import numpy as np
 
@@ -64,7 +64,9 @@ def sample_conditions(rng: np.random.Generator, space: LabelSpace, fixed: Mappin
     return out
 
 
-def sample_scene(seed: int, width: int, height: int, space: LabelSpace, fixed: Mapping[str, str] | None = None) -> Scene:
+def sample_scene(
+    seed: int, width: int, height: int, space: LabelSpace, fixed: Mapping[str, str] | None = None
+) -> Scene:
     """The scene for ``seed`` at ``width`` x ``height``; ``fixed`` pins labels by group."""
     rng = np.random.default_rng(seed)
     labels = sample_conditions(rng, space, fixed or {})
@@ -115,10 +117,19 @@ def _road_conditions(rng: np.random.Generator, labels: dict[str, str]) -> Condit
         if inside:
             fog = max(fog, 300.0)  # the weather stays outside
     return Conditions(
-        weather=labels["weather"], time_of_day=labels["time_of_day"], road_type=road, scene=labels["scene"],
-        lanes=lanes, lane_width_m=lw, road_offset_m=offset,
+        weather=labels["weather"],
+        time_of_day=labels["time_of_day"],
+        road_type=road,
+        scene=labels["scene"],
+        lanes=lanes,
+        lane_width_m=lw,
+        road_offset_m=offset,
         curvature=0.0 if road == "parking" else float(rng.uniform(-1, 1) * 0.0012),
-        fog_m=float(fog), tunnel_start_m=tunnel_start, tunnel_length_m=tunnel_length, odometer_m=float(rng.uniform(0, 2000)),
-        layout_seed=int(rng.integers(0, 2**31 - 1)), palette=tuple(int(v) for v in rng.integers(0, 1000, 8)),
+        fog_m=float(fog),
+        tunnel_start_m=tunnel_start,
+        tunnel_length_m=tunnel_length,
+        odometer_m=float(rng.uniform(0, 2000)),
+        layout_seed=int(rng.integers(0, 2**31 - 1)),
+        palette=tuple(int(v) for v in rng.integers(0, 1000, 8)),
         precipitation=float(rng.uniform(0.2, 1.4)),
     )

@@ -149,11 +149,18 @@ class Projection:
     curvature: float
 
     @classmethod
-    def of(cls, scene: Scene) -> "Projection":
+    def of(cls, scene: Scene) -> Projection:
         cam = scene.camera
         f = 0.5 * scene.height / math.tan(math.radians(cam.vfov_deg) / 2)
-        return cls(scene.width, scene.height, f, cam.vanish_x * scene.width, cam.horizon * scene.height,
-                   cam.height_m, scene.conditions.curvature)
+        return cls(
+            scene.width,
+            scene.height,
+            f,
+            cam.vanish_x * scene.width,
+            cam.horizon * scene.height,
+            cam.height_m,
+            scene.conditions.curvature,
+        )
 
     def px(self, x: float, z: float) -> float:
         return self.cx + self.f * (x + self.curvature * z * z) / z

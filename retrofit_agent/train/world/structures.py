@@ -74,11 +74,19 @@ class Tunnel:
             for x in (self.wl, self.wr):
                 cv.poly(cv.wall_band(x, 0, 2.4, za, zb), sh(self.tiles))
                 cv.poly(cv.wall_band(x, 2.4, self.hc - 1.0, za, zb), sh(upper))
-            ceiling = np.concatenate([cv.ground_pts(self.wl, np.array([za, zb]), self.hc - 1.0),
-                                      cv.ground_pts((self.wl + self.wr) / 2, np.array([zb, za]), self.hc + 0.6)])
+            ceiling = np.concatenate(
+                [
+                    cv.ground_pts(self.wl, np.array([za, zb]), self.hc - 1.0),
+                    cv.ground_pts((self.wl + self.wr) / 2, np.array([zb, za]), self.hc + 0.6),
+                ]
+            )
             cv.poly(ceiling, sh((85, 85, 88)))
-            ceiling = np.concatenate([cv.ground_pts(self.wr, np.array([za, zb]), self.hc - 1.0),
-                                      cv.ground_pts((self.wl + self.wr) / 2, np.array([zb, za]), self.hc + 0.6)])
+            ceiling = np.concatenate(
+                [
+                    cv.ground_pts(self.wr, np.array([za, zb]), self.hc - 1.0),
+                    cv.ground_pts((self.wl + self.wr) / 2, np.array([zb, za]), self.hc + 0.6),
+                ]
+            )
             cv.poly(ceiling, sh((75, 75, 78)))
             for k in range(1, c.lanes):
                 x = cv.xl + k * c.lane_width_m
@@ -92,14 +100,22 @@ class Tunnel:
         p, look, odo = cv.proj, cv.look, cv.scene.conditions.odometer_m
         xs = ((self.wl + self.wr) / 2,) if self.centre_lamps else (self.wl + 1.0, self.wr - 1.0)
         colour = (200, 235, 255) if cv.scene.conditions.palette[3] % 2 == 0 else (90, 190, 255)
-        for k in reversed(range(int((odo + z_lo) / self.lamp_pitch), int((odo + min(z_hi, 200.0)) / self.lamp_pitch) + 1)):
+        for k in reversed(
+            range(int((odo + z_lo) / self.lamp_pitch), int((odo + min(z_hi, 200.0)) / self.lamp_pitch) + 1)
+        ):
             z = k * self.lamp_pitch - odo
             if not z_lo < z < z_hi:
                 continue
             for x in xs:
                 h = self.hc + 0.5 if self.centre_lamps else self.hc - 0.8
-                q = np.array([(p.px(x - 0.25, z), p.py(h, z)), (p.px(x + 0.25, z), p.py(h, z)),
-                              (p.px(x + 0.25, z + 1.4), p.py(h, z + 1.4)), (p.px(x - 0.25, z + 1.4), p.py(h, z + 1.4))])
+                q = np.array(
+                    [
+                        (p.px(x - 0.25, z), p.py(h, z)),
+                        (p.px(x + 0.25, z), p.py(h, z)),
+                        (p.px(x + 0.25, z + 1.4), p.py(h, z + 1.4)),
+                        (p.px(x - 0.25, z + 1.4), p.py(h, z + 1.4)),
+                    ]
+                )
                 cv.poly(q, tuple(int(v * max(dim, 0.8)) for v in look.emit(colour, z)), aa=True)  # type: ignore[arg-type]
                 if z < 60:
                     cv.glow(p.px(x, z), p.py(h, z), max(1.5, 0.9 * p.scale(z)), (60, 90, 110))
@@ -116,12 +132,20 @@ class Tunnel:
         hill: BGR = (215, 215, 212) if snow else ((60, 110, 75), (70, 100, 110), (55, 95, 90))[int(_h(cv, 85) * 3)]
         xs = np.linspace(-150, 150, 31)
         shape = np.clip(1.15 - (xs / 150) ** 2, 0, 1) * (0.8 + 0.2 * np.sin(xs / 11 + _h(cv, 86) * 6))
-        outer = np.array([(p.px(x, z), p.py(max(0.5, top * s), z)) for x, s in zip(xs, shape)]
-                         + [(p.px(150, z), p.py(0, z)), (p.px(-150, z), p.py(0, z))])
+        outer = np.array(
+            [(p.px(x, z), p.py(max(0.5, top * s), z)) for x, s in zip(xs, shape)]
+            + [(p.px(150, z), p.py(0, z)), (p.px(-150, z), p.py(0, z))]
+        )
         cv.polys([outer, self.opening(cv, z)], look.shade(hill, z + 5))  # two contours: the arch is a hole
         frame_top = self.hc + 1.2 + 1.5 * _h(cv, 87)
-        face = np.array([(p.px(self.wl - 2.5, z), p.py(0, z)), (p.px(self.wl - 2.5, z), p.py(frame_top, z)),
-                         (p.px(self.wr + 2.5, z), p.py(frame_top, z)), (p.px(self.wr + 2.5, z), p.py(0, z))])
+        face = np.array(
+            [
+                (p.px(self.wl - 2.5, z), p.py(0, z)),
+                (p.px(self.wl - 2.5, z), p.py(frame_top, z)),
+                (p.px(self.wr + 2.5, z), p.py(frame_top, z)),
+                (p.px(self.wr + 2.5, z), p.py(0, z)),
+            ]
+        )
         cv.polys([face, self.opening(cv, z)], look.shade((165, 165, 160), z))
         cv.polylines([self.opening(cv, z)], look.shade((50, 50, 50), z), max(1, int(0.25 * p.scale(z))))
 
@@ -162,8 +186,16 @@ def _railings(cv: Canvas, el: float, er: float, za: float, zb: float) -> None:
             s = p.scale(z)
             for x in (el, er):
                 bx = p.px(x, z)
-                posts.append(np.array([(bx - 0.05 * s, p.py(1.15, z)), (bx + 0.05 * s, p.py(1.15, z)),
-                                       (bx + 0.05 * s, p.py(0, z)), (bx - 0.05 * s, p.py(0, z))]))
+                posts.append(
+                    np.array(
+                        [
+                            (bx - 0.05 * s, p.py(1.15, z)),
+                            (bx + 0.05 * s, p.py(1.15, z)),
+                            (bx + 0.05 * s, p.py(0, z)),
+                            (bx - 0.05 * s, p.py(0, z)),
+                        ]
+                    )
+                )
     cv.polys(posts, steel)
     for x in (el, er):
         cv.poly(cv.wall_band(x, 0, 0.3, za, zb), look.shade((150, 150, 145), 20.0))
@@ -218,7 +250,9 @@ def _truss(cv: Canvas, el: float, er: float, za: float, zb: float) -> None:
         a, b = max(z, za), max(z + 4.0, za)
         for x in (el, er):
             lines.append(np.array([(p.px(x, a), p.py(0.3, a)), (p.px(x, b), p.py(top, b))]))
-            lines.append(np.array([(p.px(x, b), p.py(top, b)), (p.px(x, max(z + 8.0, za)), p.py(0.3, max(z + 8.0, za)))]))
+            lines.append(
+                np.array([(p.px(x, b), p.py(top, b)), (p.px(x, max(z + 8.0, za)), p.py(0.3, max(z + 8.0, za)))])
+            )
         if z > za:
             lines.append(np.array([(p.px(el, z), p.py(top, z)), (p.px(er, z), p.py(top, z))]))
     cv.polylines(lines, col, width)

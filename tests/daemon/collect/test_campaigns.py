@@ -31,7 +31,9 @@ def test_rule_needs_a_positive_condition():
 
 
 def test_min_duration_must_hold_continuously():
-    s = CampaignState(CampaignConfig(name="rain", rule=rule(any_of=["weather.rain"], min_duration_s=2.0), min_interval_s=0))
+    s = CampaignState(
+        CampaignConfig(name="rain", rule=rule(any_of=["weather.rain"], min_duration_s=2.0), min_interval_s=0)
+    )
     rain = {"weather.rain": 0.9}
     assert s.update(rain, 0.0) is Decision.WAITING
     assert s.update(rain, 1.5) is Decision.WAITING
@@ -42,12 +44,19 @@ def test_min_duration_must_hold_continuously():
 
 
 def test_min_interval_and_hourly_cap():
-    s = CampaignState(CampaignConfig(name="rain", rule=rule(any_of=["weather.rain"]), min_interval_s=10, max_per_hour=3))
+    s = CampaignState(
+        CampaignConfig(name="rain", rule=rule(any_of=["weather.rain"]), min_interval_s=10, max_per_hour=3)
+    )
     rain = {"weather.rain": 0.9}
     decisions = [s.update(rain, t) for t in (0, 5, 10, 20, 30, 40, 3599, 3600, 3605, 3610)]
     assert decisions == [
-        Decision.TRIGGER, Decision.RATE_LIMITED, Decision.TRIGGER, Decision.TRIGGER,
-        Decision.RATE_LIMITED, Decision.RATE_LIMITED, Decision.RATE_LIMITED,  # 3 in the last hour
+        Decision.TRIGGER,
+        Decision.RATE_LIMITED,
+        Decision.TRIGGER,
+        Decision.TRIGGER,
+        Decision.RATE_LIMITED,
+        Decision.RATE_LIMITED,
+        Decision.RATE_LIMITED,  # 3 in the last hour
         Decision.TRIGGER,  # t=0 left the window
         Decision.RATE_LIMITED,  # interval
         Decision.TRIGGER,  # t=10 left the window, 10 s since the last

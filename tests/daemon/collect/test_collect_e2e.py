@@ -10,9 +10,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from retrofit_agent.daemon.collect.store import CaptureStore
-
 from helpers import receive, run_cli
+from retrofit_agent.daemon.collect.store import CaptureStore
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +64,9 @@ def test_captures_are_saved_and_announced(start_agent, subscriber, clip: Path, r
     assert "retrofit_store_bytes" in text
 
 
-def test_kill_9_during_heavy_capture_leaves_only_whole_pairs(start_agent, clip: Path, reference_bundle: Path, tmp_path: Path):
+def test_kill_9_during_heavy_capture_leaves_only_whole_pairs(
+    start_agent, clip: Path, reference_bundle: Path, tmp_path: Path
+):
     cfg, store = write_config(tmp_path)
     agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(reference_bundle), "--loop")
     agent.wait_ready()
@@ -83,7 +84,9 @@ def test_kill_9_during_heavy_capture_leaves_only_whole_pairs(start_agent, clip: 
     # Start-up recovery (what the next daemon run does) removes temp files and any image
     # caught between its rename and its sidecar's.
     CaptureStore(store, 10**12, 10**9).open()
-    leftovers = [p for p in store.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix not in (".jpg", ".json"))]
+    leftovers = [
+        p for p in store.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix not in (".jpg", ".json"))
+    ]
     assert leftovers == []
     images, sidecars = pairs(store)
     assert [p.with_suffix("") for p in images] == [p.with_suffix("") for p in sidecars]
@@ -112,11 +115,13 @@ def test_uploader_deleting_while_capture_runs(start_agent, clip: Path, reference
     time.sleep(4)
     stop.set()
     t.join()
-    before = float([l for l in agent.scrape().splitlines() if l.startswith('retrofit_captures_saved_total{')][0].split()[-1])
+    before = float(
+        [l for l in agent.scrape().splitlines() if l.startswith("retrofit_captures_saved_total{")][0].split()[-1]
+    )
     time.sleep(1)
     text = agent.scrape()
     assert agent.stop() == 0
-    after = float([l for l in text.splitlines() if l.startswith('retrofit_captures_saved_total{')][0].split()[-1])
+    after = float([l for l in text.splitlines() if l.startswith("retrofit_captures_saved_total{")][0].split()[-1])
     assert len(uploaded) >= 10
     assert after > before, "capture goes on after the uploader's deletions"
     assert "capture_write_failed" not in agent.logs()
@@ -126,9 +131,20 @@ def test_uploader_deleting_while_capture_runs(start_agent, clip: Path, reference
 
 def test_unknown_campaign_tag_exits_2(clip: Path, reference_bundle: Path, tmp_path: Path):
     cfg = tmp_path / "a.toml"
-    cfg.write_text('[[collect.campaigns]]\nname = "x"\nrule = { any_of = ["weather.hail"] }\n'
-                   f'[collect.store]\ndirectory = "{tmp_path}/s"\n')
-    r = run_cli("--config", str(cfg), "--camera", str(clip), "--bundle", str(reference_bundle), "--no-metrics",
-                "--publish", f"ipc://{tmp_path}/x.sock")
+    cfg.write_text(
+        '[[collect.campaigns]]\nname = "x"\nrule = { any_of = ["weather.hail"] }\n'
+        f'[collect.store]\ndirectory = "{tmp_path}/s"\n'
+    )
+    r = run_cli(
+        "--config",
+        str(cfg),
+        "--camera",
+        str(clip),
+        "--bundle",
+        str(reference_bundle),
+        "--no-metrics",
+        "--publish",
+        f"ipc://{tmp_path}/x.sock",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "unknown tag 'weather.hail'" in r.stderr.strip().splitlines()[-1]

@@ -47,14 +47,29 @@ RAIN = {"weather.rain": 0.9}
 
 
 def test_trigger_keeps_frames_before_and_after(tmp_path: Path):
-    c, m = make(tmp_path, [{"name": "rain", "rule": {"any_of": ["weather.rain"]}, "min_interval_s": 100,
-                             "frames_before": 2, "frames_after": 3}])
+    c, m = make(
+        tmp_path,
+        [
+            {
+                "name": "rain",
+                "rule": {"any_of": ["weather.rain"]},
+                "min_interval_s": 100,
+                "frames_before": 2,
+                "frames_after": 3,
+            }
+        ],
+    )
     for i in range(10):
         c.observe(record(i, RAIN if i == 5 else {}))
     saved = wait_saved(c, 6)
     c.stop()
     assert [(s.job.role, s.job.offset, s.job.record.frame_id) for s in saved] == [
-        ("before", -2, 3), ("before", -1, 4), ("trigger", 0, 5), ("after", 1, 6), ("after", 2, 7), ("after", 3, 8)
+        ("before", -2, 3),
+        ("before", -1, 4),
+        ("trigger", 0, 5),
+        ("after", 1, 6),
+        ("after", 2, 7),
+        ("after", 3, 8),
     ]
     side = json.loads(saved[2].item.sidecar.read_text())
     assert side["campaign"] == "rain" and side["role"] == "trigger" and side["frame_id"] == 5 and side["seq"] == 5
@@ -92,8 +107,11 @@ def test_disk_full_stops_capture_logs_once_and_resumes(tmp_path: Path):
             raise OSError(errno.ENOSPC, "No space left on device")
         path.write_bytes(data)
 
-    c, m = make(tmp_path, [{"name": "rain", "rule": {"any_of": ["weather.rain"]}, "min_interval_s": 0,
-                             "max_per_hour": 10000}], write_file=write_file)
+    c, m = make(
+        tmp_path,
+        [{"name": "rain", "rule": {"any_of": ["weather.rain"]}, "min_interval_s": 0, "max_per_hour": 10000}],
+        write_file=write_file,
+    )
     with structlog.testing.capture_logs() as logs:
         c.observe(record(0, RAIN))
         assert len(wait_saved(c, 1)) == 1
@@ -119,8 +137,12 @@ def test_queue_full_skips_instead_of_blocking(tmp_path: Path):
         time.sleep(0.2)
         path.write_bytes(data)
 
-    c, m = make(tmp_path, [{"name": "rain", "rule": {"any_of": ["weather.rain"]}, "min_interval_s": 0,
-                             "max_per_hour": 10000}], write_file=slow_write, queue_size=2)
+    c, m = make(
+        tmp_path,
+        [{"name": "rain", "rule": {"any_of": ["weather.rain"]}, "min_interval_s": 0, "max_per_hour": 10000}],
+        write_file=slow_write,
+        queue_size=2,
+    )
     t0 = time.monotonic()
     for i in range(20):
         c.observe(record(i, RAIN))

@@ -90,21 +90,47 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 def uplink_for(tmp: Path, store: Path, endpoint: str, name: str, rate: int = 0, **env: str) -> Uplink:
-    return Uplink(tmp, ["--endpoint", f"ipc://{tmp}/no-daemon.sock", "--mqtt", f"mqtt://127.0.0.1:{free_port()}",
-                        "--journal", str(tmp / "journal"), "--vehicle", VEHICLE, "--captures", str(store)],
-                  env={"RETROFIT_UPLINK_S3": json.dumps({
-                      "endpoint": endpoint, "bucket": BUCKET, "access_key_id": "AKIDTEST",
-                      "secret_access_key": "secret-test", "part_size": 5 * 1024**2,
-                      "multipart_threshold": 5 * 1024**2}),
-                      "RETROFIT_UPLINK_CAPTURES__MAX_BYTES_PER_S": str(rate),
-                      "RETROFIT_UPLINK_CAPTURES__RETRY_S": "0.5", "RETROFIT_UPLINK_CAPTURES__RESCAN_INTERVAL_S": "0.5",
-                      **env}, name=name).start()
+    return Uplink(
+        tmp,
+        [
+            "--endpoint",
+            f"ipc://{tmp}/no-daemon.sock",
+            "--mqtt",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--journal",
+            str(tmp / "journal"),
+            "--vehicle",
+            VEHICLE,
+            "--captures",
+            str(store),
+        ],
+        env={
+            "RETROFIT_UPLINK_S3": json.dumps(
+                {
+                    "endpoint": endpoint,
+                    "bucket": BUCKET,
+                    "access_key_id": "AKIDTEST",
+                    "secret_access_key": "secret-test",
+                    "part_size": 5 * 1024**2,
+                    "multipart_threshold": 5 * 1024**2,
+                }
+            ),
+            "RETROFIT_UPLINK_CAPTURES__MAX_BYTES_PER_S": str(rate),
+            "RETROFIT_UPLINK_CAPTURES__RETRY_S": "0.5",
+            "RETROFIT_UPLINK_CAPTURES__RESCAN_INTERVAL_S": "0.5",
+            **env,
+        },
+        name=name,
+    ).start()
 
 
 def bucket_objects(s3: S3Server, prefix: str) -> dict[str, bytes]:
     c = s3.client()
-    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     return {k: c.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
 
 
@@ -119,7 +145,8 @@ def check_bucket(s3: S3Server, prefix: str, pairs: dict[str, bytes]) -> None:
 
 
 def test_store_outage_mid_burst_every_pair_lands_once_with_its_checksum_and_leaves_the_car(
-        s3: S3Server, tmp_path: Path):
+    s3: S3Server, tmp_path: Path
+):
     store = tmp_path / "captures"
     pairs = {}
     for i in range(24):
@@ -138,16 +165,19 @@ def test_store_outage_mid_burst_every_pair_lands_once_with_its_checksum_and_leav
     proxy.open()
     t = time.monotonic()
     wait_until(lambda: not list(store.rglob("*.json")), 60, "store emptied")
-    print(f"\n[uplink figure] captures left after the store came back: {len(pairs) - before:.0f}, uploaded in "
-          f"{time.monotonic() - t:.1f}s at 1 MB/s")
+    print(
+        f"\n[uplink figure] captures left after the store came back: {len(pairs) - before:.0f}, uploaded in "
+        f"{time.monotonic() - t:.1f}s at 1 MB/s"
+    )
     failures = uplink.metric("retrofit_uplink_capture_failures_total")
     uplink.stop()
     proxy.shut()
     assert failures >= 1
     assert not list(store.rglob("*.jpg")), "every pair deleted locally once confirmed"
     check_bucket(s3, f"captures/{VEHICLE}/night_rain/2026-11-29/", pairs)
-    names = [json.loads(l)["capture"] for l in uplink.logs().splitlines()
-             if l.startswith("{") and '"capture_uploaded"' in l]
+    names = [
+        json.loads(l)["capture"] for l in uplink.logs().splitlines() if l.startswith("{") and '"capture_uploaded"' in l
+    ]
     assert names == sorted(names) and len(set(names)) == len(pairs), "capture order, once each"
 
 
@@ -182,11 +212,14 @@ def test_eviction_by_the_daemon_never_takes_a_pair_being_uploaded(s3: S3Server, 
     time.sleep(1.0)  # the upload (3 s at 0.5 MB/s) is under way
     store = CaptureStore(store_dir, max_bytes=1_600_000, max_files=10)
     store.open()
-    _, evicted = store.save("evict", "2026-11-29", "20261129T140500_000000Z_front_000000003", os.urandom(400_000),
-                            {"image_sha256": "x"})
+    _, evicted = store.save(
+        "evict", "2026-11-29", "20261129T140500_000000Z_front_000000003", os.urandom(400_000), {"image_sha256": "x"}
+    )
     assert [e.image.name for e in evicted] == [f"{name}.jpg"], "the daemon evicted the pair mid-upload"
     wait_until(lambda: uplink.metric("retrofit_uplink_captures_uploaded_total") >= 1, 30, "upload finished")
     uplink.stop()
     objects = bucket_objects(s3, f"captures/{VEHICLE}/evict/")
-    assert hashlib.sha256(objects[f"captures/{VEHICLE}/evict/2026-11-29/{name}.jpg"]).hexdigest() == \
-        hashlib.sha256(image).hexdigest(), "the upload completed with the complete bytes"
+    assert (
+        hashlib.sha256(objects[f"captures/{VEHICLE}/evict/2026-11-29/{name}.jpg"]).hexdigest()
+        == hashlib.sha256(image).hexdigest()
+    ), "the upload completed with the complete bytes"

@@ -46,5 +46,7 @@ def test_the_readme_consumer_example_keeps_each_message_once(tmp_path, monkeypat
     exec(code, ns)  # noqa: S102 - the README's own example
     body = {"vehicle": "car", "camera": "front", "run_id": "r", "topic": "events", "seq": 3}
     for _ in range(3):
-        ns["on_message"](None, None, SimpleNamespace(topic="retrofit/car/front/events", payload=json.dumps(body).encode()))
+        ns["on_message"](
+            None, None, SimpleNamespace(topic="retrofit/car/front/events", payload=json.dumps(body).encode())
+        )
     assert sqlite3.connect(tmp_path / "backend.db").execute("SELECT count(*) FROM seen").fetchone() == (1,)

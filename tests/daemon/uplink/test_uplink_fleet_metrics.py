@@ -54,8 +54,11 @@ class Prom:
 
     def start(self) -> Prom:
         log = open(self.tmp / f"{self.name}.log", "ab")
-        self.proc = subprocess.Popen([need("prometheus"), *self.args, f"--web.listen-address=127.0.0.1:{self.port}"],
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [need("prometheus"), *self.args, f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_port(self.port, self.proc, timeout=30)
         return self
 
@@ -69,13 +72,29 @@ class Prom:
 @pytest.mark.slow
 def test_a_60_s_central_outage_leaves_no_missing_sample(tmp_path: Path):
     need("prometheus")
-    uplink = Uplink(tmp_path, ["--endpoint", f"ipc://{tmp_path}/x.sock", "--mqtt", f"mqtt://127.0.0.1:{free_port()}",
-                               "--journal", str(tmp_path / "j")]).start()
+    uplink = Uplink(
+        tmp_path,
+        [
+            "--endpoint",
+            f"ipc://{tmp_path}/x.sock",
+            "--mqtt",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--journal",
+            str(tmp_path / "j"),
+        ],
+    ).start()
     uplink.wait_ready()
     central_cfg = tmp_path / "central.yml"
     central_cfg.write_text("global:\n  evaluation_interval: 15s\n")
-    central = Prom(tmp_path, "central", [f"--config.file={central_cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                         "--web.enable-remote-write-receiver"]).start()
+    central = Prom(
+        tmp_path,
+        "central",
+        [
+            f"--config.file={central_cfg}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            "--web.enable-remote-write-receiver",
+        ],
+    ).start()
     cfg = yaml.safe_load((AGENT / "vehicle.yml").read_text())
     cfg["global"].update(scrape_interval=f"{SCRAPE_S:g}s", external_labels={"vehicle": "car-metrics"})
     cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{free_port()}"]  # no daemon here
@@ -83,8 +102,15 @@ def test_a_60_s_central_outage_leaves_no_missing_sample(tmp_path: Path):
     cfg["remote_write"][0]["url"] = f"http://127.0.0.1:{central.port}/api/v1/write"
     cfg["remote_write"][0]["queue_config"]["max_backoff"] = "2s"
     (tmp_path / "vehicle.yml").write_text(yaml.safe_dump(cfg))
-    agent = Prom(tmp_path, "agent", ["--enable-feature=agent", f"--config.file={tmp_path / 'vehicle.yml'}",
-                                     f"--storage.agent.path={tmp_path / 'agent-wal'}"]).start()
+    agent = Prom(
+        tmp_path,
+        "agent",
+        [
+            "--enable-feature=agent",
+            f"--config.file={tmp_path / 'vehicle.yml'}",
+            f"--storage.agent.path={tmp_path / 'agent-wal'}",
+        ],
+    ).start()
     expr = 'retrofit_uplink_backlog_messages{vehicle="car-metrics",job="retrofit-uplink"}'
 
     def query(q: str) -> list:
@@ -100,14 +126,20 @@ def test_a_60_s_central_outage_leaves_no_missing_sample(tmp_path: Path):
         down_to = time.time()
         central.start()
         # Caught up once the central end holds samples from after its restart.
-        wait_until(lambda: [r for r in query(f"{expr}[10s]") if r["values"] and
-                            float(r["values"][-1][0]) > down_to + 5], 90, "agent caught up", interval=1)
+        wait_until(
+            lambda: [r for r in query(f"{expr}[10s]") if r["values"] and float(r["values"][-1][0]) > down_to + 5],
+            90,
+            "agent caught up",
+            interval=1,
+        )
         (series,) = query(f"{expr}[{int(time.time() - down_from) + 10}s]")
         stamps = [float(t) for t, _ in series["values"]]
         in_window = [t for t in stamps if down_from - 2 <= t <= down_to + 2]
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-        print(f"\n[uplink figure] samples during the 60 s outage: {len(in_window)} (scrape every {SCRAPE_S:g} s); "
-              f"largest gap {max(gaps):.2f} s")
+        print(
+            f"\n[uplink figure] samples during the 60 s outage: {len(in_window)} (scrape every {SCRAPE_S:g} s); "
+            f"largest gap {max(gaps):.2f} s"
+        )
         assert len(in_window) >= (down_to - down_from) / SCRAPE_S * 0.95
         assert max(gaps) < 2.5 * SCRAPE_S, "no missing sample"
         # Every query of the uplink's Grafana dashboard returns data from the central end.

@@ -41,12 +41,29 @@ class Daemon:
     def start(self) -> None:
         log = open(self.tmp / f"daemon-{self.runs}.log", "wb")
         self.proc = subprocess.Popen(
-            agent_command("--camera", str(REPO / "models/sample/drive.mp4"), "--loop", "--realtime", "--threads", "1",
-                          "--publish", self.endpoint, "--metrics-address", f"127.0.0.1:{free_port()}",
-                          "--log-format", "json"),
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            env={**os.environ, "RETROFIT_PUBLISH__VEHICLE": VEHICLE, "RETROFIT_PUBLISH__STATUS_INTERVAL_S": "0.5",
-                 "RETROFIT_PUBLISH__SEND_HWM": "10000"},
+            agent_command(
+                "--camera",
+                str(REPO / "models/sample/drive.mp4"),
+                "--loop",
+                "--realtime",
+                "--threads",
+                "1",
+                "--publish",
+                self.endpoint,
+                "--metrics-address",
+                f"127.0.0.1:{free_port()}",
+                "--log-format",
+                "json",
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={
+                **os.environ,
+                "RETROFIT_PUBLISH__VEHICLE": VEHICLE,
+                "RETROFIT_PUBLISH__STATUS_INTERVAL_S": "0.5",
+                "RETROFIT_PUBLISH__SEND_HWM": "10000",
+            },
         )
         self.runs += 1
 
@@ -80,8 +97,11 @@ class Reference(threading.Thread):
 
     def keys(self, since: float = 0.0) -> set[tuple]:
         """Messages that arrived after ``since`` (monotonic)."""
-        return {(m["vehicle"], m["camera"], m["run_id"], m["topic"], m["seq"])
-                for m, t in zip(self.messages, self.arrived) if t >= since}
+        return {
+            (m["vehicle"], m["camera"], m["run_id"], m["topic"], m["seq"])
+            for m, t in zip(self.messages, self.arrived)
+            if t >= since
+        }
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +118,23 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def start_uplink(rig: dict, name: str, journal: str = "journal") -> Uplink:
     tmp = rig["tmp"]
-    return Uplink(tmp, ["--endpoint", rig["daemon"].endpoint, "--mqtt", f"mqtt://127.0.0.1:{rig['broker'].port}",
-                        "--journal", str(tmp / journal), "--vehicle", VEHICLE, "--tags", "all"],
-                  env={"RETROFIT_UPLINK_MQTT__BACKOFF_MAX_S": "2"}, name=name).start()
+    return Uplink(
+        tmp,
+        [
+            "--endpoint",
+            rig["daemon"].endpoint,
+            "--mqtt",
+            f"mqtt://127.0.0.1:{rig['broker'].port}",
+            "--journal",
+            str(tmp / journal),
+            "--vehicle",
+            VEHICLE,
+            "--tags",
+            "all",
+        ],
+        env={"RETROFIT_UPLINK_MQTT__BACKOFF_MAX_S": "2"},
+        name=name,
+    ).start()
 
 
 def delivered_everything(reference: Reference, consumer: Consumer, window: set[tuple]) -> tuple[set, int]:
@@ -145,12 +179,16 @@ def test_a_30_s_broker_outage_loses_nothing_and_the_backlog_drains_in_order(rig:
     figure("broker outage (s)", round(restarted - outage_start, 1))
     figure("messages published during the run", during)
     figure("drain time after the broker returned (s)", round(drained, 2))
-    figure("uplink's own drain log (s)", [e.get("seconds") for e in uplink.events() if e.get("event") == "backlog_drained"])
+    figure(
+        "uplink's own drain log (s)", [e.get("seconds") for e in uplink.events() if e.get("event") == "backlog_drained"]
+    )
     figure("duplicates dropped by the consumer", dups)
     uplink.stop()
     consumer.stop()
-    figure("messages in the window, by topic", {t: sum(1 for k in window if k[3] == t)
-                                                for t in ("tags", "events", "status", "captures")})
+    figure(
+        "messages in the window, by topic",
+        {t: sum(1 for k in window if k[3] == t) for t in ("tags", "events", "status", "captures")},
+    )
     assert window and not missing, f"{len(missing)} messages never reached the backend, e.g. {sorted(missing)[:5]}"
     assert in_order(consumer)
 

@@ -34,20 +34,30 @@ def make_pki(d: Path) -> dict[str, Path]:
 
     def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
         k, c = d / f"{stem}.key", d / f"{stem}.crt"
-        k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+        k.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return c, k
 
     def issue(cn: str, issuer_key, issuer_name, ca: bool = False, server: bool = False):  # type: ignore[no-untyped-def]
         key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer_name or name(cn))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer_name or name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if server:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                critical=False)
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
         return key, b.sign(issuer_key or key, hashes.SHA256())
 
     ca_key, ca = issue("test-ca", None, None, ca=True)
@@ -71,30 +81,54 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     from helpers import free_port
 
     port = free_port()
-    broker = Broker(d / "broker", port=port, extra=(
-        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\ncafile {pki['ca']}\n"
-        f"certfile {pki['server_cert']}\nkeyfile {pki['server_key']}\nrequire_certificate true\n"
-    )).start()
+    broker = Broker(
+        d / "broker",
+        port=port,
+        extra=(
+            f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\ncafile {pki['ca']}\n"
+            f"certfile {pki['server_cert']}\nkeyfile {pki['server_key']}\nrequire_certificate true\n"
+        ),
+    ).start()
     yield broker, pki
     broker.stop()
 
 
 def uplink_with(tmp: Path, broker: Broker, pki: dict, name: str, password: str, cert: str = "client") -> Uplink:
-    return Uplink(tmp, ["--endpoint", f"ipc://{tmp}/pub-{name}.sock", "--mqtt", f"mqtts://127.0.0.1:{broker.port}",
-                        "--journal", str(tmp / f"j-{name}"), "--vehicle", "car-tls"],
-                  env={"RETROFIT_UPLINK_MQTT__USERNAME": "uplink", "RETROFIT_UPLINK_MQTT__PASSWORD": password,
-                       "RETROFIT_UPLINK_MQTT__CA_FILE": str(pki["ca"]),
-                       "RETROFIT_UPLINK_MQTT__CERT_FILE": str(pki[f"{cert}_cert"]),
-                       "RETROFIT_UPLINK_MQTT__KEY_FILE": str(pki[f"{cert}_key"])}, name=name)
+    return Uplink(
+        tmp,
+        [
+            "--endpoint",
+            f"ipc://{tmp}/pub-{name}.sock",
+            "--mqtt",
+            f"mqtts://127.0.0.1:{broker.port}",
+            "--journal",
+            str(tmp / f"j-{name}"),
+            "--vehicle",
+            "car-tls",
+        ],
+        env={
+            "RETROFIT_UPLINK_MQTT__USERNAME": "uplink",
+            "RETROFIT_UPLINK_MQTT__PASSWORD": password,
+            "RETROFIT_UPLINK_MQTT__CA_FILE": str(pki["ca"]),
+            "RETROFIT_UPLINK_MQTT__CERT_FILE": str(pki[f"{cert}_cert"]),
+            "RETROFIT_UPLINK_MQTT__KEY_FILE": str(pki[f"{cert}_key"]),
+        },
+        name=name,
+    )
 
 
 def test_an_authorised_uplink_delivers_and_a_wrong_password_or_foreign_certificate_is_refused(
-        secure_broker, tmp_path: Path):  # type: ignore[no-untyped-def]
+    secure_broker, tmp_path: Path
+):  # type: ignore[no-untyped-def]
     broker, pki = secure_broker
     import paho.mqtt.client as paho
 
-    consumer = Consumer(broker.port, client_id="backend-tls", auth=("backend", "backend-password"), tls={
-        "ca_certs": str(pki["ca"]), "certfile": str(pki["client_cert"]), "keyfile": str(pki["client_key"])}).start()
+    consumer = Consumer(
+        broker.port,
+        client_id="backend-tls",
+        auth=("backend", "backend-password"),
+        tls={"ca_certs": str(pki["ca"]), "certfile": str(pki["client_cert"]), "keyfile": str(pki["client_key"])},
+    ).start()
     wait_until(lambda: consumer.client.is_connected(), 15, "backend connected over TLS")
 
     ctx = zmq.Context.instance()
@@ -107,9 +141,19 @@ def test_an_authorised_uplink_delivers_and_a_wrong_password_or_foreign_certifica
         u.wait_ready()
     wait_until(lambda: good.metric("retrofit_uplink_broker_connected") == 1, 15, "authorised uplink connected")
     for seq in range(20):
-        body = {"topic": "events", "schema_version": 2, "run_id": "r", "vehicle": "car-tls", "seq": seq,
-                "camera": "front", "frame_id": seq, "at": "x", "model": "m", "event": "tag_on",
-                "tag": {"group": "g", "label": "l", "score": 1.0}}
+        body = {
+            "topic": "events",
+            "schema_version": 2,
+            "run_id": "r",
+            "vehicle": "car-tls",
+            "seq": seq,
+            "camera": "front",
+            "frame_id": seq,
+            "at": "x",
+            "model": "m",
+            "event": "tag_on",
+            "tag": {"group": "g", "label": "l", "score": 1.0},
+        }
         pub.send_multipart([b"events", json.dumps(body).encode()])
         time.sleep(0.05)
     wait_until(lambda: len(consumer.bodies("/events")) >= 15, 15, "events through TLS")
@@ -136,16 +180,24 @@ def test_an_authorised_uplink_delivers_and_a_wrong_password_or_foreign_certifica
     pub.close(0)
 
 
-@pytest.mark.parametrize("args, env, says", [
-    (["--journal", "/proc/uplink-journal"], {}, "journal.directory: cannot use /proc/uplink-journal"),
-    (["--mqtt", "mqtts://127.0.0.1:8883"], {"RETROFIT_UPLINK_MQTT__CA_FILE": "/nonexistent/ca.pem"},
-     "mqtt.ca_file: cannot use /nonexistent/ca.pem"),
-    (["--mqtt", "mqtts://127.0.0.1:8883"], {"RETROFIT_UPLINK_MQTT__CERT_FILE": "/etc/hostname",
-                                            "RETROFIT_UPLINK_MQTT__KEY_FILE": "/etc/hostname"},
-     "mqtt.cert_file/key_file: cannot use /etc/hostname"),
-    ([], {"RETROFIT_UPLINK_MQTT__TOPIC_PREFIX": "fleet/#"}, "mqtt.topic_prefix"),
-    (["--mqtt", "http://broker:1883"], {}, "mqtt.url"),
-])
+@pytest.mark.parametrize(
+    "args, env, says",
+    [
+        (["--journal", "/proc/uplink-journal"], {}, "journal.directory: cannot use /proc/uplink-journal"),
+        (
+            ["--mqtt", "mqtts://127.0.0.1:8883"],
+            {"RETROFIT_UPLINK_MQTT__CA_FILE": "/nonexistent/ca.pem"},
+            "mqtt.ca_file: cannot use /nonexistent/ca.pem",
+        ),
+        (
+            ["--mqtt", "mqtts://127.0.0.1:8883"],
+            {"RETROFIT_UPLINK_MQTT__CERT_FILE": "/etc/hostname", "RETROFIT_UPLINK_MQTT__KEY_FILE": "/etc/hostname"},
+            "mqtt.cert_file/key_file: cannot use /etc/hostname",
+        ),
+        ([], {"RETROFIT_UPLINK_MQTT__TOPIC_PREFIX": "fleet/#"}, "mqtt.topic_prefix"),
+        (["--mqtt", "http://broker:1883"], {}, "mqtt.url"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], env: dict[str, str], says: str, tmp_path: Path):
     base = ["--journal", str(tmp_path / "j"), "--metrics-address", "127.0.0.1:0", "--log-format", "json"]
     r = run_cli("uplink", *base, *args, env=env, timeout=60)
@@ -159,8 +211,18 @@ def test_an_unreachable_broker_at_start_up_is_logged_and_retried_not_fatal(tmp_p
     from helpers import free_port
 
     port = free_port()
-    u = Uplink(tmp_path, ["--endpoint", f"ipc://{tmp_path}/x.sock", "--mqtt", f"mqtt://127.0.0.1:{port}",
-                          "--journal", str(tmp_path / "j")], env={"RETROFIT_UPLINK_MQTT__BACKOFF_MAX_S": "1"}).start()
+    u = Uplink(
+        tmp_path,
+        [
+            "--endpoint",
+            f"ipc://{tmp_path}/x.sock",
+            "--mqtt",
+            f"mqtt://127.0.0.1:{port}",
+            "--journal",
+            str(tmp_path / "j"),
+        ],
+        env={"RETROFIT_UPLINK_MQTT__BACKOFF_MAX_S": "1"},
+    ).start()
     u.wait_ready()
     wait_until(lambda: any(e["event"] == "mqtt_unreachable" for e in u.events()), 15, "unreachable logged")
     broker = Broker(tmp_path / "broker", port=port).start()

@@ -27,8 +27,9 @@ def test_uplink_unit_passes_systemd_analyze_verify(tmp_path: Path):
     launcher = tmp_path / "opt/retrofit-agent/bin/retrofit-agent"
     launcher.parent.mkdir(parents=True)
     shutil.copy(DEPLOY / "bin" / "retrofit-agent", launcher)
-    r = subprocess.run([exe, "verify", f"--root={tmp_path}", "retrofit-uplink.service"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "verify", f"--root={tmp_path}", "retrofit-uplink.service"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
 
 

@@ -73,7 +73,7 @@ def test_tags_filter_all_every_nth_and_changes_only():
 
 
 def test_sigv4_signature_matches_botocore(monkeypatch: pytest.MonkeyPatch):
-    botocore = pytest.importorskip("botocore")
+    pytest.importorskip("botocore")
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
@@ -83,12 +83,24 @@ def test_sigv4_signature_matches_botocore(monkeypatch: pytest.MonkeyPatch):
     import hashlib
 
     sha = hashlib.sha256(body).hexdigest()
-    ours = sign_v4("PUT", "127.0.0.1:9000", "/bucket/captures/car-1/rain/2026-11-29/a%20b.jpg",
-                   {"partNumber": "1", "uploadId": "xyz"}, {"Content-MD5": "XUFAKrxLKna5cZ2REBfFkg=="}, sha,
-                   "AKIDTEST", "secret-test", "us-east-1", now)
-    req = AWSRequest(method="PUT", url="http://127.0.0.1:9000/bucket/captures/car-1/rain/2026-11-29/a%20b.jpg"
-                     "?partNumber=1&uploadId=xyz", data=body,
-                     headers={"Content-MD5": "XUFAKrxLKna5cZ2REBfFkg==", "X-Amz-Content-SHA256": sha})
+    ours = sign_v4(
+        "PUT",
+        "127.0.0.1:9000",
+        "/bucket/captures/car-1/rain/2026-11-29/a%20b.jpg",
+        {"partNumber": "1", "uploadId": "xyz"},
+        {"Content-MD5": "XUFAKrxLKna5cZ2REBfFkg=="},
+        sha,
+        "AKIDTEST",
+        "secret-test",
+        "us-east-1",
+        now,
+    )
+    req = AWSRequest(
+        method="PUT",
+        url="http://127.0.0.1:9000/bucket/captures/car-1/rain/2026-11-29/a%20b.jpg?partNumber=1&uploadId=xyz",
+        data=body,
+        headers={"Content-MD5": "XUFAKrxLKna5cZ2REBfFkg==", "X-Amz-Content-SHA256": sha},
+    )
     signer = S3SigV4Auth(Credentials("AKIDTEST", "secret-test"), "s3", "us-east-1")
     monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: now.replace(tzinfo=None))
     signer.add_auth(req)

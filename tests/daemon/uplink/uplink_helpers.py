@@ -41,7 +41,11 @@ class Broker:
 
     def start(self) -> Broker:
         conf = self.dir / "mosquitto.conf"
-        listener = self.extra if "listener" in self.extra else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" + self.extra
+        listener = (
+            self.extra
+            if "listener" in self.extra
+            else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" + self.extra
+        )
         conf.write_text(
             f"{listener}\npersistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             "max_queued_messages 1000000\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\n"
@@ -140,7 +144,7 @@ class Consumer:
         seen: set[tuple] = set()
         streams: dict[tuple, list[dict]] = {}
         dups = 0
-        for topic, body in self.bodies():
+        for _topic, body in self.bodies():
             if "seq" not in body:
                 continue
             key = (body["vehicle"], body["camera"], body["run_id"], body["topic"], body["seq"])
@@ -164,9 +168,13 @@ class Uplink:
     def start(self) -> Uplink:
         log = open(self.tmp / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(
-            agent_command("uplink", "--log-format", "json", "--metrics-address", f"127.0.0.1:{self.metrics_port}",
-                          *self.args),
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env},
+            agent_command(
+                "uplink", "--log-format", "json", "--metrics-address", f"127.0.0.1:{self.metrics_port}", *self.args
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **self.env},
         )
         self.starts += 1
         return self
@@ -231,8 +239,9 @@ class S3Server:
         if not exe.exists():
             pytest.skip("moto_server not found; pip install 'moto[server]' (the test extra)")
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT
+        )
         wait_port(self.port, self.proc, timeout=30)
         return self
 
@@ -245,8 +254,13 @@ class S3Server:
     def client(self):  # boto3, as a backend would read the bucket (test-side only)
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="AKIDTEST", aws_secret_access_key="secret-test")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="AKIDTEST",
+            aws_secret_access_key="secret-test",
+        )
 
 
 def write_pair(store: Path, campaign: str, name: str, image: bytes, camera: str = "front") -> Path:
@@ -257,8 +271,14 @@ def write_pair(store: Path, campaign: str, name: str, image: bytes, camera: str 
     folder = store / campaign / day
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.jpg").write_bytes(image)
-    sidecar = {"schema_version": 1, "campaign": campaign, "capture_id": name, "image": f"{name}.jpg",
-               "image_sha256": hashlib.sha256(image).hexdigest(), "camera": camera}
+    sidecar = {
+        "schema_version": 1,
+        "campaign": campaign,
+        "capture_id": name,
+        "image": f"{name}.jpg",
+        "image_sha256": hashlib.sha256(image).hexdigest(),
+        "camera": camera,
+    }
     path = folder / f"{name}.json"
     path.write_text(json.dumps(sidecar, sort_keys=True) + "\n")
     return path

@@ -32,7 +32,9 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_images_writes_jpegs_captions_and_shards(tmp_path: Path, capsys):
     out = tmp_path / "world"
-    code, stdout, _ = _run(["world", "images", "--count", "7", "--out", str(out), "--size", "96x80", "--shard-size", "3"], capsys)
+    code, stdout, _ = _run(
+        ["world", "images", "--count", "7", "--out", str(out), "--size", "96x80", "--shard-size", "3"], capsys
+    )
     assert code == 0
     records = [ImageRecord.model_validate_json(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert len(records) == 7 and len({r.seed for r in records}) == 7
@@ -53,8 +55,25 @@ def test_images_writes_jpegs_captions_and_shards(tmp_path: Path, capsys):
 
 def test_the_same_seed_writes_the_same_bytes(tmp_path: Path, capsys):
     for name in ("a", "b"):
-        assert _run(["world", "images", "--count", "4", "--out", str(tmp_path / name), "--size", "64x64", "--seed", "5",
-                     "--shards-only"], capsys)[0] == 0
+        assert (
+            _run(
+                [
+                    "world",
+                    "images",
+                    "--count",
+                    "4",
+                    "--out",
+                    str(tmp_path / name),
+                    "--size",
+                    "64x64",
+                    "--seed",
+                    "5",
+                    "--shards-only",
+                ],
+                capsys,
+            )[0]
+            == 0
+        )
     for rel in ("captions.jsonl", "shards/world-000000.tar"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     assert not (tmp_path / "a" / "images").exists()
@@ -74,8 +93,21 @@ def test_images_cli_runs_with_torch_unimportable(tmp_path: Path):
 
 def test_a_short_clip_has_its_frames_and_a_ground_truth_line_each(tmp_path: Path, capsys):
     clip = tmp_path / "drive.mp4"
-    code, stdout, _ = _run(["world", "clip", "--out", str(clip), "--size", "160x96", "--segment-seconds", "0.4",
-                            "--segments", "highway-clear-day-car,tunnel-truck,urban-night-rain-pedestrians-red"], capsys)
+    code, stdout, _ = _run(
+        [
+            "world",
+            "clip",
+            "--out",
+            str(clip),
+            "--size",
+            "160x96",
+            "--segment-seconds",
+            "0.4",
+            "--segments",
+            "highway-clear-day-car,tunnel-truck,urban-night-rain-pedestrians-red",
+        ],
+        capsys,
+    )
     assert code == 0
     assert json.loads(stdout)["frames"] == 18
     cap = cv2.VideoCapture(str(clip))
@@ -119,29 +151,36 @@ def test_a_segment_keeps_its_labels_while_the_camera_drives_on():
 def test_segment_names_are_parsed_strictly():
     seg = parse_segment("City-Night-Amber-speed", SPACE)
     assert seg.fixed["road_type"] == "urban" and seg.fixed["traffic_light"] == "yellow"
-    assert seg.fixed["signs"] == "speed_limit" and seg.fixed["pedestrians"] == "absent" and seg.fixed["scene"] == "open_road"
+    assert (
+        seg.fixed["signs"] == "speed_limit"
+        and seg.fixed["pedestrians"] == "absent"
+        and seg.fixed["scene"] == "open_road"
+    )
     for bad in ("highway-rainbow", "red-green", "parking-tunnel", "-"):
         with pytest.raises(SegmentError):
             parse_segment(bad, SPACE)
 
 
-@pytest.mark.parametrize("argv", [
-    ["world", "images", "--count", "0", "--out", "OUT"],
-    ["world", "images", "--count", "-3", "--out", "OUT"],
-    ["world", "images", "--count", "2", "--out", "OUT", "--size", "10x10"],
-    ["world", "images", "--count", "2", "--out", "OUT", "--size", "4000x300"],
-    ["world", "images", "--count", "2", "--out", "OUT", "--size", "big"],
-    ["world", "images", "--count", "2", "--out", "OUT", "--seed", "-1"],
-    ["world", "images", "--count", "2", "--out", "OUT", "--prompts", "MISSING.toml"],
-    ["world", "clip", "--out", "OUT.mp4", "--fps", "0"],
-    ["world", "clip", "--out", "OUT.mp4", "--fps", "240"],
-    ["world", "clip", "--out", "OUT.mp4", "--segments", "highway-clear,moonbase"],
-    ["world", "clip", "--out", "OUT.mp4", "--segments", "parking-bridge"],
-    ["world", "clip", "--out", "OUT.mp4", "--segments", ","],
-    ["world", "clip", "--out", "OUT.mp4", "--segment-seconds", "0"],
-    ["world", "clip", "--out", "OUT.avi"],
-    ["world", "render"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["world", "images", "--count", "0", "--out", "OUT"],
+        ["world", "images", "--count", "-3", "--out", "OUT"],
+        ["world", "images", "--count", "2", "--out", "OUT", "--size", "10x10"],
+        ["world", "images", "--count", "2", "--out", "OUT", "--size", "4000x300"],
+        ["world", "images", "--count", "2", "--out", "OUT", "--size", "big"],
+        ["world", "images", "--count", "2", "--out", "OUT", "--seed", "-1"],
+        ["world", "images", "--count", "2", "--out", "OUT", "--prompts", "MISSING.toml"],
+        ["world", "clip", "--out", "OUT.mp4", "--fps", "0"],
+        ["world", "clip", "--out", "OUT.mp4", "--fps", "240"],
+        ["world", "clip", "--out", "OUT.mp4", "--segments", "highway-clear,moonbase"],
+        ["world", "clip", "--out", "OUT.mp4", "--segments", "parking-bridge"],
+        ["world", "clip", "--out", "OUT.mp4", "--segments", ","],
+        ["world", "clip", "--out", "OUT.mp4", "--segment-seconds", "0"],
+        ["world", "clip", "--out", "OUT.avi"],
+        ["world", "render"],
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], tmp_path: Path, capsys):
     argv = [a.replace("OUT", str(tmp_path / "out")).replace("MISSING", str(tmp_path / "missing")) for a in argv]
     code, _, err = _run(argv, capsys)

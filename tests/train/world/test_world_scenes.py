@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from retrofit_agent.train.world import (
-    SCENE_ADAPTER, annotate, caption, load_label_space, render, sample_scene,
+    SCENE_ADAPTER,
+    annotate,
+    caption,
+    load_label_space,
+    render,
+    sample_scene,
 )
 from retrofit_agent.train.world.annotate import MIN_HEIGHT, inside_tunnel
 from retrofit_agent.train.world.labels import DEFAULT_PROMPTS, LabelSpaceError
@@ -99,7 +104,9 @@ def test_boxes_lie_inside_the_picture_and_back_the_labels(truths):
         for b in truth.boxes:
             x0, y0, x1, y1 = b.xyxy
             assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height
-            assert b.xyxy_norm == pytest.approx((x0 / scene.width, y0 / scene.height, x1 / scene.width, y1 / scene.height), abs=1e-4)
+            assert b.xyxy_norm == pytest.approx(
+                (x0 / scene.width, y0 / scene.height, x1 / scene.width, y1 / scene.height), abs=1e-4
+            )
             if b.legible:
                 assert y1 - y0 >= MIN_HEIGHT * scene.height - 1
                 if b.group != "scene":
@@ -134,23 +141,45 @@ def test_captions_never_contain_template_text_and_say_only_what_is_true(truths):
                 assert truth.labels["traffic_light"] == colour, text
         if "stop sign" in low:
             assert truth.labels["signs"] == "stop", text
-        for word in ("rain", "snow", "fog", "night", "dusk", "tunnel", "bridge", "construction", "cyclist", "bicycle",
-                     "pedestrian", "truck", "bus", "motorcycle", "highway", "motorway", "parking", "country road", "city"):
+        for word in (
+            "rain",
+            "snow",
+            "fog",
+            "night",
+            "dusk",
+            "tunnel",
+            "bridge",
+            "construction",
+            "cyclist",
+            "bicycle",
+            "pedestrian",
+            "truck",
+            "bus",
+            "motorcycle",
+            "highway",
+            "motorway",
+            "parking",
+            "country road",
+            "city",
+        ):
             said[word] += word in low
     assert all(said.values()), said  # the core vocabulary does reach the text tower
 
 
 def test_a_label_the_world_cannot_draw_is_refused(tmp_path: Path):
     bad = tmp_path / "p.toml"
-    bad.write_text('templates = ["{}"]\n[[groups]]\nname = "weather"\nlabels = [{name = "clear", phrases = ["x"]}, '
-                   '{name = "hail", phrases = ["hail"]}]\n')
+    bad.write_text(
+        'templates = ["{}"]\n[[groups]]\nname = "weather"\nlabels = [{name = "clear", phrases = ["x"]}, '
+        '{name = "hail", phrases = ["hail"]}]\n'
+    )
     with pytest.raises(LabelSpaceError, match="hail"):
         load_label_space(bad)
 
 
 def test_labels_dropped_from_the_prompts_file_are_no_longer_sampled(tmp_path: Path):
     text = DEFAULT_PROMPTS.read_text().replace(
-        '  { name = "fog", phrases = ["fog", "a foggy road", "low visibility in mist"] },\n', "")
+        '  { name = "fog", phrases = ["fog", "a foggy road", "low visibility in mist"] },\n', ""
+    )
     assert "foggy" not in text
     path = tmp_path / "nofog.toml"
     path.write_text(text)

@@ -14,8 +14,11 @@ def _truth() -> dict[int, FrameRecord]:
 
 
 def _msg(frame: int, weather: str, signs: str) -> dict:
-    return {"topic": "tags", "frame_id": frame,
-            "top": [{"group": "weather", "label": weather, "score": 0.9}, {"group": "signs", "label": signs, "score": 0.9}]}
+    return {
+        "topic": "tags",
+        "frame_id": frame,
+        "top": [{"group": "weather", "label": weather, "score": 0.9}, {"group": "signs", "label": signs, "score": 0.9}],
+    }
 
 
 def test_frames_within_the_settling_time_of_a_segment_are_skipped():

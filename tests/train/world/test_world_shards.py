@@ -31,7 +31,11 @@ def test_the_distill_loader_reads_every_picture_of_the_world_shards(tmp_path: Pa
     records = [ImageRecord.model_validate_json(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     ds = DistillDataset(refs, STUDENT, TEACHER)
     batch = collate([ds[i] for i in range(len(ds))])
-    assert batch["skipped"] == [] and batch["student"].shape == (10, 3, 48, 48) and batch["teacher"].shape == (10, 3, 32, 32)
+    assert (
+        batch["skipped"] == []
+        and batch["student"].shape == (10, 3, 48, 48)
+        and batch["teacher"].shape == (10, 3, 32, 32)
+    )
     for i, record in enumerate(records):  # shard order is captions.jsonl order, pixel for pixel
         expected = Preprocessor(STUDENT)(cv2.imread(str(out / record.file)))[0]
         np.testing.assert_array_equal(ds[i]["student"].numpy(), expected)

@@ -53,8 +53,12 @@ def test_quick_start_says_where_the_programs_are():
 @pytest.mark.slow
 def test_python_m_build_makes_a_wheel_with_both_programs(tmp_path):
     pytest.importorskip("build")
-    r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(REPO)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (wheel,) = tmp_path.glob("retrofit_agent-*-py3-none-any.whl")
     assert list(tmp_path.glob("retrofit_agent-*.tar.gz"))
@@ -69,8 +73,9 @@ def test_python_m_build_makes_a_wheel_with_both_programs(tmp_path):
 
 
 def test_install_sh_help_is_its_comment_block_only():
-    r = subprocess.run(["bash", str(REPO / "deploy" / "install.sh"), "--help"], capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        ["bash", str(REPO / "deploy" / "install.sh"), "--help"], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     assert lines and all(line.startswith("#") for line in lines)
