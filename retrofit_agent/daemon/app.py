@@ -23,7 +23,7 @@ from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.daemon.agent import Agent, AgentIO, LoopSettings
 from retrofit_agent.daemon.budget import check_memory_budget
 from retrofit_agent.daemon.budget_cpu import build_pacer
-from retrofit_agent.daemon.capture import FrameGrabber, camera_id, check_source, open_source, resolve_kind
+from retrofit_agent.daemon.capture import FrameGrabber
 from retrofit_agent.daemon.collect.collector import Collector, check_campaign_tags
 from retrofit_agent.daemon.config import AgentConfig
 from retrofit_agent.daemon.curve import is_loopback_endpoint, is_loopback_host
@@ -33,6 +33,7 @@ from retrofit_agent.daemon.outputs import Outputs
 from retrofit_agent.daemon.pipeline import ModelPipeline, build_pipeline
 from retrofit_agent.daemon.publish import Publisher
 from retrofit_agent.daemon.reload import Reloader
+from retrofit_agent.daemon.sources import camera_id, check_source, open_source, resolve_kind
 from retrofit_agent.daemon.variants import record
 
 

@@ -23,8 +23,9 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from helpers import FFMPEG, free_port, metric, receive, run_cli, serve_http_stream
-from retrofit_agent.daemon.capture import FrameGrabber, StreamClock
+from retrofit_agent.daemon.capture import FrameGrabber
 from retrofit_agent.daemon.config import CameraConfig
+from retrofit_agent.daemon.frame_time import StreamClock
 from retrofit_agent.daemon.metrics import AgentMetrics
 
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs Debian's ffmpeg (scripts/test.sh installs it)")

@@ -7,9 +7,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from retrofit_agent.contract.errors import CaptureError
-from retrofit_agent.daemon.capture import FrameGrabber, camera_id, open_source, resolve_kind
+from retrofit_agent.daemon.capture import FrameGrabber
 from retrofit_agent.daemon.config import CameraConfig
 from retrofit_agent.daemon.metrics import AgentMetrics
+from retrofit_agent.daemon.sources import camera_id, open_source, resolve_kind
 
 
 @pytest.fixture
