@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from retrofit_agent import __version__
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
@@ -26,8 +27,10 @@ PROG = "retrofit-model"
 # Top-level modules that only the train extra brings; importing one without it is a setup
 # problem, not a bug, and gets one line naming the install command.
 TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "timm", "open_clip", "onnx", "onnxscript", "tqdm"})
-INSTALL_TRAIN = ("pip install torch==2.14.1 torchvision==0.29.1 (pinned first: the CUDA build, which also runs on "
-                 "a CPU), then pip install 'retrofit-agent[train]' (from a checkout: pip install -e '.[train]')")
+INSTALL_TRAIN = (
+    "pip install torch==2.14.1 torchvision==0.29.1 (pinned first: the CUDA build, which also runs on "
+    "a CPU), then pip install 'retrofit-agent[train]' (from a checkout: pip install -e '.[train]')"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,16 +51,28 @@ class Command:
 
 
 def _distill_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML config (see models/configs/); defaults reproduce the paper's setup")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-3 --set data.train='[\"shards/{000..009}.tar\"]'")
+    p.add_argument(
+        "--config", type=Path, help="TOML config (see models/configs/); defaults reproduce the paper's setup"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-3 --set data.train='[\"shards/{000..009}.tar\"]'",
+    )
     p.add_argument("--out", dest="run.out_dir", metavar="DIR", help="run directory (run.out_dir)")
     p.add_argument("--resume", dest="run.resume", metavar="auto|never|DIR", help="run.resume")
     p.add_argument("--max-steps", dest="optim.max_steps", type=int, metavar="N", help="optim.max_steps")
     p.add_argument("--device", dest="run.device", metavar="DEVICE", help="run.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", dest="run.progress", action="store_false", default=None, help="no progress bar")
-    p.add_argument("--log-format", choices=("auto", "json", "console"), default=argparse.SUPPRESS,
-                   help="as the global --log-format (also accepted here)")
+    p.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=argparse.SUPPRESS,
+        help="as the global --log-format (also accepted here)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -86,7 +101,9 @@ def _run_distill(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
         return 0
     if not cfg.data.train:
-        raise ConfigError("data.train: no training images configured (set it in the config or with --set data.train=...)")
+        raise ConfigError(
+            "data.train: no training images configured (set it in the config or with --set data.train=...)"
+        )
     configure_logging(getattr(args, "log_format", "auto"), "info")
     # Heavy imports only now: a bad config above fails in a fraction of a second.
     from retrofit_agent.train.distributed import init_distributed, shutdown
@@ -129,7 +146,9 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "distill": Command("distil a CLIP teacher into a timm student", _distill_arguments, _run_distill),
-    "synth-images": Command("write generated scenes for smoke runs (no meaning, no labels)", _synth_arguments, _run_synth),
+    "synth-images": Command(
+        "write generated scenes for smoke runs (no meaning, no labels)", _synth_arguments, _run_synth
+    ),
 }
 
 
@@ -137,13 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     from retrofit_agent.train import commands  # export, quantize, prompts, bundle, evaluate, ...
     from retrofit_agent.train.world import cli as world_cli
 
-    p = _Parser(prog=PROG, description="Offboard model toolchain for retrofit-agent (needs the train extra).",
-                epilog=f"'{PROG} COMMAND --help' shows a command's options.")
+    p = _Parser(
+        prog=PROG,
+        description="Offboard model toolchain for retrofit-agent (needs the train extra).",
+        epilog=f"'{PROG} COMMAND --help' shows a command's options.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
-                   help="log lines on stderr: console for a terminal, json lines otherwise (auto, the default)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser,
-                           title="commands")
+    p.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="log lines on stderr: console for a terminal, json lines otherwise (auto, the default)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser, title="commands")
     for name, cmd in COMMANDS.items():
         sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(sp)
@@ -165,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise  # a bug, not a setup problem: keep the traceback
-        return _fail(ConfigError(f"'{args.command}' needs the train extra ({e.name} is not installed): {INSTALL_TRAIN}"))
+        return _fail(
+            ConfigError(f"'{args.command}' needs the train extra ({e.name} is not installed): {INSTALL_TRAIN}")
+        )
     except OSError as e:  # a path given on the command line that cannot be read or written
         where = f"{e.filename}: " if e.filename else ""
         return _fail(ConfigError(f"{where}{e.strerror or e}"))
