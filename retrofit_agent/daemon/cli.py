@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from retrofit_agent import __version__
+from retrofit_agent.contract.cliargs import positive_float, positive_int
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
 from retrofit_agent.daemon.config import load_config
 
@@ -33,26 +34,6 @@ class _Parser(argparse.ArgumentParser):
 def _fail(err: RetrofitError, prog: str = PROG) -> int:
     sys.stderr.write(f"{prog}: error: {err}\n")
     return err.exit_code
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- run
@@ -167,10 +148,10 @@ def tail_parser() -> argparse.ArgumentParser:
         help="the daemon's PUB endpoint (its publish.endpoint; default: %(default)s)",
     )
     p.add_argument("--topic", action="append", choices=TOPICS, help="topic to show (repeatable; default: all)")
-    p.add_argument("--count", type=_positive_int, help="exit 0 after this many messages")
+    p.add_argument("--count", type=positive_int, help="exit 0 after this many messages")
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="exit 1 with a one-line reason after this many seconds",
     )
@@ -324,8 +305,8 @@ def schema_main(argv: Sequence[str]) -> int:
 def sample_clip_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} sample-clip", description="Write the synthetic sample driving clip (MPEG-4).")
     p.add_argument("output", type=_video_path, help="video file to write: NAME.mp4 or NAME.avi")
-    p.add_argument("--frames", type=_positive_int, default=150, help="number of frames (default: %(default)s)")
-    p.add_argument("--fps", type=_positive_float, default=15.0, help="frame rate (default: %(default)s)")
+    p.add_argument("--frames", type=positive_int, default=150, help="number of frames (default: %(default)s)")
+    p.add_argument("--fps", type=positive_float, default=15.0, help="frame rate (default: %(default)s)")
     return p
 
 

@@ -15,36 +15,11 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from retrofit_agent.contract.cliargs import existing_dir, existing_file, positive_int
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
 from retrofit_agent.contract.images import find_images
 
 log = structlog.get_logger("retrofit_model")
-
-
-def existing_file(text: str) -> Path:
-    """argparse type: a file that exists (a usage error, one line, before any heavy import)."""
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{'is a directory' if path.is_dir() else 'no such file'}: {text}")
-    return path
-
-
-def existing_dir(text: str) -> Path:
-    """argparse type: a directory that exists."""
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{'not a directory' if path.exists() else 'no such directory'}: {text}")
-    return path
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
-    return value
 
 
 def _stage(command: str, stage: str, **context: object) -> None:

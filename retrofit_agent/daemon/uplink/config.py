@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.contract.messages import VEHICLE_PATTERN
 from retrofit_agent.contract.settings import deep_merge, env_overrides, format_validation_error, read_toml, set_path
+from retrofit_agent.daemon.config import MetricsConfig as DaemonMetricsConfig
 
 ENV_PREFIX = "RETROFIT_UPLINK_"
 ENV_CONFIG_FILE = "RETROFIT_UPLINK_CONFIG"
@@ -192,25 +193,11 @@ class CapturesConfig(_Section):
     retry_s: float = Field(5.0, gt=0, description="Wait after a failed upload before the next try.")
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(DaemonMetricsConfig):
+    """The daemon's metrics settings, on the uplink's own port."""
+
     enabled: bool = Field(True, description="Serve the uplink's Prometheus metrics over HTTP.")
     address: str = Field("127.0.0.1:9109", description="host:port of /metrics; port 0 picks a free one.")
-
-    @field_validator("address")
-    @classmethod
-    def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"address must be host:port, got {v!r}")
-        return v
-
-    @property
-    def host(self) -> str:
-        return self.address.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
 
 
 class LogConfig(_Section):
