@@ -154,6 +154,7 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from retrofit_agent.train import commands  # export, quantize, prompts, bundle, evaluate, ...
+    from retrofit_agent.train.teacher_train import cli as teacher_train_cli
     from retrofit_agent.train.world import cli as world_cli
 
     p = _Parser(
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=cmd.run)
     commands.register(sub)  # modules that register themselves with set_defaults(func=...)
     world_cli.register(sub)  # world images / world clip (torch-free)
+    teacher_train_cli.register(sub)  # teacher-train: a CLIP teacher trained on the world
     return p
 
 

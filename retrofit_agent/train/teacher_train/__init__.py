@@ -1,0 +1,14 @@
+"""A CLIP teacher trained from scratch on the procedural world (no pretrained weights exist here).
+
+    retrofit-model teacher-train --config models/configs/world-teacher.toml --out DIR [--resume]
+    retrofit-model teacher-train --config ... --out DIR --eval-only
+
+- :mod:`.config`: the validated recipe (torch-free).
+- :mod:`.stream`: world scenes rendered on the fly into the teacher's own input view.
+- :mod:`.trainer`: open_clip model, tokenizer and ClipLoss in a compact resumable CPU loop.
+- :mod:`.zeroshot_eval`: held-out zero-shot top-1 and AUROC per group with the prompts bank.
+- :mod:`.cli`: the ``teacher-train`` command.
+
+The checkpoint is open_clip's format, so distillation names the teacher as
+``teacher.model = "retrofit-world-clip"``, ``teacher.pretrained = "DIR/checkpoint.pt"``.
+"""
