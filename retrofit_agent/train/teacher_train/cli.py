@@ -4,8 +4,10 @@
     retrofit-model teacher-train --config ... --out runs/teacher --resume       # continue a killed run
     retrofit-model teacher-train --config ... --out runs/teacher --eval-only    # held-out zero-shot report
 
-Then distil from it: ``teacher.model = "retrofit-world-clip"`` and
-``teacher.pretrained = "runs/teacher/checkpoint.pt"``.
+Then distil from it: ``teacher.model = "retrofit-world-clip-rn"`` and
+``teacher.pretrained = "runs/teacher/checkpoint.pt"`` (loss.pca_attention, loss.pca_value and
+loss.gl at 0: they read a ViT's attention blocks), and build its bank with
+``retrofit-model prompts --teacher retrofit-world-clip-rn --pretrained runs/teacher/checkpoint.pt``.
 
 The config, the model config's presence and the prompts file are checked before torch is
 imported; each problem is one line and exit code 2.
