@@ -467,6 +467,13 @@ CASES = [
     M("world", expect="the following arguments are required: ACTION", marks=WORLD),
     M("world", "images", "--count", "0", "--out", "{tmp}/w", expect="--count must be between 1", marks=WORLD),
     M("world", "clip", "--out", "{tmp}/drive.avi", expect="--out must name an .mp4 file", marks=WORLD),
+    M("teacher-train", "--config", "{tmp}/no.toml", expect="config file not found"),
+    M("teacher-train", "--set", "model.name=nope", "--out", "{tmp}/t", expect="model.name: no open_clip config 'nope'"),
+    M("teacher-train", "--steps", "0", "--out", "{tmp}/t", expect="optim.steps: Input should be greater than"),
+    M("teacher-train", "--set", "optim.lr=abc", "--out", "{tmp}/t", expect="optim.lr: Input should be a valid number"),
+    M("teacher-train", "--eval-only", "--out", "{tmp}/t", expect="--eval-only: no checkpoint at"),
+    M("teacher-train", "--checkpoint", "{tmp}/c.pt", "--out", "{tmp}/t", expect="--checkpoint goes with --eval-only"),
+    M("teacher-train", "--out", "{tmp}/t", "--steps", "500", expect="needs the train extra", block=_TRAIN_BLOCKED),
 ]
 
 

@@ -22,11 +22,22 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
         return "json"
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at the time of each write. Binding the object seen at configure
+    time breaks once it is replaced and closed (a test's capture, a redirected CLI run)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog once, from the composition root. ``fmt``: auto, json or console."""
-    stream = stream or sys.stderr
+    """Configure structlog once, from the composition root. ``fmt``: auto, json or console.
+    Without ``stream`` it writes to the current ``sys.stderr``."""
     renderer: structlog.types.Processor
-    if resolve_format(fmt, stream) == "console":
+    if resolve_format(fmt, stream or sys.stderr) == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
@@ -39,6 +50,6 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

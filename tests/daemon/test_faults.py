@@ -88,7 +88,9 @@ def test_stuck_and_late_subscribers_cost_nothing(start_agent, subscriber, clip, 
     rss_end = rss_mb(agent.proc.pid)
     # Drops are countable from seq: what the stuck peer holds has gaps.
     queued = []
-    while stuck.poll(100):
+    # Bounded: the daemon keeps publishing, so "until the socket is quiet" may never come.
+    drain_until = time.monotonic() + 5.0
+    while time.monotonic() < drain_until and stuck.poll(100):
         topic, body = stuck.recv_multipart()
         if topic == b"tags":
             queued.append(json.loads(body)["seq"])
