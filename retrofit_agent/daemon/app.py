@@ -10,6 +10,7 @@ the grabber and the loop; READY last.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,7 +52,8 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
         stack.callback(notifier.close)
         # Bind first: a taken port fails in milliseconds, and subscribers can connect while
         # the model loads instead of missing the first frames.
-        publisher = Publisher(cfg.publish, metrics)
+        run_id = uuid.uuid4().hex  # one per daemon start: in every message, and the replay's key
+        publisher = Publisher(cfg.publish, metrics, run_id=run_id)
         stack.callback(publisher.close)
         metrics_port = None
         if cfg.metrics.enabled:
@@ -67,7 +69,12 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
 
         pipeline = build(cfg)
         # Logged once the bundle loaded, so that a bad bundle's error line follows only agent_starting.
-        log.info("publishing", endpoint=publisher.endpoint, curve=publisher.encrypted)
+        log.info(
+            "publishing",
+            endpoint=publisher.endpoint,
+            curve=publisher.encrypted,
+            replay=publisher.replay.endpoint if publisher.replay is not None else None,
+        )
         if not is_loopback_endpoint(cfg.publish.endpoint):
             log.warning("publishing_beyond_loopback", endpoint=cfg.publish.endpoint, curve=publisher.encrypted)
         if metrics_port is not None:
@@ -96,7 +103,7 @@ def run_daemon(cfg: AgentConfig, reload_config: Callable[[], AgentConfig]) -> in
             on_result=lambda r: metrics.reloads.labels(result=r).inc(),
         )
         settings = LoopSettings(cfg.publish.status_interval_s, cfg.camera.stall_timeout_s, cfg.max_frames)
-        outputs = Outputs(publisher, camera, cfg.publish.vehicle)
+        outputs = Outputs(publisher, camera, cfg.publish.vehicle, run_id)
         io = AgentIO(grabber, outputs, metrics, notifier, stop, collector, reloader, pacer)
         agent = Agent(settings, pipeline, io)
         metrics.ready.set(1)

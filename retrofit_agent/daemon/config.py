@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.contract.messages import VEHICLE_PATTERN
 from retrofit_agent.contract.settings import deep_merge, env_overrides, format_validation_error, read_toml, set_path
+from retrofit_agent.daemon.replay import replay_endpoint_for
 
 ENV_PREFIX = "RETROFIT_"
 ENV_CONFIG_FILE = "RETROFIT_CONFIG"
@@ -155,10 +156,28 @@ class PublishConfig(_Section):
         pattern=VEHICLE_PATTERN,
         description="Vehicle id in every message (letters, digits, '.', '_', '-'; at most 64); unset: the host name.",
     )
+    replay: bool = Field(
+        True,
+        description="Keep the latest messages of each topic and hand a missed stretch to a subscriber that asks "
+        "(the uplink, after a restart or a gap in seq).",
+    )
+    replay_endpoint: str | None = Field(
+        None,
+        description="ZeroMQ REP endpoint of the replay; unset: the publish endpoint's next TCP port, or its IPC "
+        "path plus '.replay'.",
+    )
+    replay_bytes_per_topic: int = Field(
+        2_000_000,
+        ge=10_000,
+        le=64_000_000,
+        description="Memory kept per topic for replay (about 3 min of tags at 15 fps with the default).",
+    )
 
-    @field_validator("endpoint")
+    @field_validator("endpoint", "replay_endpoint")
     @classmethod
-    def _transport(cls, v: str) -> str:
+    def _transport(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if v.startswith("inproc://"):
             raise ValueError("inproc:// is reachable only inside the daemon's process; use tcp:// or ipc://")
         if v.startswith("ipc://"):
@@ -173,6 +192,21 @@ class PublishConfig(_Section):
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError(f"the port of {v!r} must be within 1-65535")
         return v
+
+    @model_validator(mode="after")
+    def _replay_address(self) -> PublishConfig:
+        if self.replay and self.replay_endpoint is None:
+            try:
+                replay_endpoint_for(self.endpoint)
+            except ValueError as e:
+                raise ValueError(f"replay_endpoint: {e}") from None
+        if self.replay and self.replay_endpoint == self.endpoint:
+            raise ValueError("replay_endpoint must differ from endpoint")
+        return self
+
+    @property
+    def replay_address(self) -> str:
+        return self.replay_endpoint or replay_endpoint_for(self.endpoint)
 
 
 class MetricsConfig(_Section):

@@ -41,11 +41,16 @@ def load_public_key(path: Path, what: str) -> bytes:
     return public
 
 
+def server_keys(secret_cert: Path) -> tuple[bytes, bytes]:
+    """(public, secret) of the daemon's certificate: its PUB and its replay socket use the same."""
+    return load_secret_certificate(secret_cert, "publish.curve.server_secret_key")
+
+
 def make_curve_server(socket: zmq.Socket[bytes], secret_cert: Path, authorized_dir: Path) -> ThreadAuthenticator:
     """Turn ``socket`` (before bind) into a CURVE server admitting only authorised clients."""
     if not authorized_dir.is_dir():
         raise ConfigError(f"publish.curve.authorized_keys_dir: not a directory: {authorized_dir}")
-    public, secret = load_secret_certificate(secret_cert, "publish.curve.server_secret_key")
+    public, secret = server_keys(secret_cert)
     auth = ThreadAuthenticator(socket.context)
     auth.start()
     auth.configure_curve(domain="*", location=str(authorized_dir))

@@ -1,5 +1,6 @@
 """CURVE-protected publishing, signed bundles, loopback-only defaults."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from retrofit_agent.contract.bundle import load_bundle, read_manifest, write_man
 from retrofit_agent.contract.errors import BundleError
 from retrofit_agent.contract.signing import sign_bundle
 from retrofit_agent.daemon.curve import make_curve_client
+from retrofit_agent.daemon.replay import ReplayClient, replay_endpoint_for
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +64,24 @@ def test_curve_admits_only_authorised_subscribers(start_agent, clip, reference_b
     got = {name: receive(s, 3.0) for name, s in socks.items()}
     for s in socks.values():
         s.close()
+    # The replay socket takes the same keys: a stranger gets no old messages either.
+    run_id = next(m["run_id"] for t, m in got["authorised"] if t == "tags")
+    replay_at = replay_endpoint_for(agent.endpoint)
+    replayed = {
+        name: ReplayClient(replay_at, timeout_ms=1500, curve=keys, context=ctx).fetch(run_id, "tags", 0, 3)
+        for name, keys in (
+            ("authorised", (client_secret, curve_keys["server_public"])),
+            ("stranger", (curve_keys["stranger_secret"], curve_keys["server_public"])),
+            ("plain", None),
+        )
+    }
     ctx.term()
     assert agent.stop() == 0
     assert len([m for t, m in got["authorised"] if t == "tags"]) >= 5
     assert got["stranger"] == [] and got["plain"] == []
+    authorised = replayed["authorised"]
+    assert authorised is not None and [json.loads(p)["seq"] for p in authorised.payloads] == [0, 1, 2]
+    assert replayed["stranger"] is None and replayed["plain"] is None
     assert '"curve": true' in agent.logs()
 
 

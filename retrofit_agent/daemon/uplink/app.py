@@ -22,13 +22,14 @@ from retrofit_agent import __version__
 from retrofit_agent.contract.messages import host_vehicle_id
 from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
 from retrofit_agent.daemon.metrics import serve_metrics
+from retrofit_agent.daemon.replay import ReplayClient
 from retrofit_agent.daemon.uplink.config import UplinkConfig, read_secret
 from retrofit_agent.daemon.uplink.forwarder import Forwarder
 from retrofit_agent.daemon.uplink.journal import Journal, Row
 from retrofit_agent.daemon.uplink.metrics import UplinkMetrics
 from retrofit_agent.daemon.uplink.mqtt import Link
 from retrofit_agent.daemon.uplink.s3 import S3Client, Throttle
-from retrofit_agent.daemon.uplink.source import Source, StreamTracker, parse, topic_level
+from retrofit_agent.daemon.uplink.source import Incoming, Source, StreamTracker, parse, topic_level
 from retrofit_agent.daemon.uplink.uploader import CaptureUploader, open_state_db
 
 log = structlog.get_logger("retrofit_agent.daemon.uplink")
@@ -90,6 +91,7 @@ def run_uplink(cfg: UplinkConfig) -> int:
             Forwarder(journal, link, metrics, cfg.mqtt.inflight, cfg.mqtt.backlog_rate),
             metrics,
             uploader,
+            _replay_client(cfg),
         )
         notifier.ready(f"forwarding {cfg.input.endpoint} to {cfg.mqtt.host}:{cfg.mqtt.port}")
         log.info("uplink_ready", vehicle=vehicle)
@@ -100,6 +102,16 @@ def run_uplink(cfg: UplinkConfig) -> int:
         loop.forwarder.pump()  # last PUBACKs into the journal
         log.info("uplink_stopped", reason=stop.reason, backlog=journal.count)
     return 0
+
+
+def _replay_client(cfg: UplinkConfig) -> ReplayClient | None:
+    i = cfg.input
+    if not i.replay:
+        return None
+    curve = None
+    if i.curve_client_cert is not None and i.curve_server_key is not None:
+        curve = (Path(i.curve_client_cert), Path(i.curve_server_key))
+    return ReplayClient(i.replay_address, i.replay_timeout_ms, curve=curve)
 
 
 def _s3_client(cfg: UplinkConfig, stop: threading.Event) -> S3Client | None:
@@ -136,9 +148,10 @@ class UplinkLoop:
         forwarder: Forwarder,
         metrics: UplinkMetrics,
         uploader: CaptureUploader | None,
+        replay: ReplayClient | None = None,
     ) -> None:
         self.cfg, self.vehicle, self.journal, self.forwarder = cfg, vehicle, journal, forwarder
-        self.metrics, self.uploader = metrics, uploader
+        self.metrics, self.uploader, self.replay = metrics, uploader, replay
         self.tracker = StreamTracker(cfg.input.tags, cfg.input.tags_every_n, last=journal.input_streams())
         self._housekeeping_at = 0.0
         self._vehicle_warned = False
@@ -152,6 +165,9 @@ class UplinkLoop:
                 self.metrics.dropped.labels(reason="malformed").inc()
                 continue
             self.metrics.received.labels(topic=msg.topic).inc()
+            start = self.tracker.expected(msg)
+            if start is not None and self.replay is not None:
+                self._fill(msg, start, rows, topics)
             self._judge(msg, rows, topics)
         if rows or self.tracker.changed:
             ids = self.journal.append(rows, self.tracker.take_changed())  # before anything else
@@ -166,7 +182,34 @@ class UplinkLoop:
             self._housekeeping_at = now + HOUSEKEEPING_S
             self.housekeeping()
 
-    def _judge(self, msg, rows: list[tuple[str, bytes]], topics: list[str]) -> None:  # type: ignore[no-untyped-def]
+    def _fill(self, msg: Incoming, start: int, rows: list[tuple[str, bytes]], topics: list[str]) -> None:
+        """Ask the daemon for the stretch [start, msg.seq) of msg's stream and take it in order, before
+        msg; what it no longer holds stays a gap for _judge to count."""
+        assert self.replay is not None
+        got = self.replay.fetch(msg.run_id, msg.topic, start, msg.seq)
+        if got is None:
+            self.metrics.replay_failures.inc()
+            return
+        taken = 0
+        for payload in got.payloads:
+            old = parse(msg.topic.encode(), payload)
+            if old is None or old.run_id != msg.run_id or old.camera != msg.camera or old.seq >= msg.seq:
+                continue
+            taken += 1
+            self.metrics.replayed.labels(topic=msg.topic).inc()
+            self._judge(old, rows, topics)
+        log.info(
+            "replayed",
+            camera=msg.camera,
+            topic=msg.topic,
+            run_id=msg.run_id,
+            from_seq=start,
+            to_seq=msg.seq,
+            messages=taken,
+            first_held=got.first_held,
+        )
+
+    def _judge(self, msg: Incoming, rows: list[tuple[str, bytes]], topics: list[str]) -> None:
         verdict = self.tracker.judge(msg)
         if verdict.duplicate:
             self.metrics.duplicates.labels(kind="input").inc()
@@ -174,7 +217,7 @@ class UplinkLoop:
         if verdict.restart:
             self.metrics.daemon_restarts.inc()
             log.info("daemon_restarted", camera=msg.camera, topic=msg.topic, run_id=msg.run_id)
-        if verdict.missing:
+        if verdict.missing:  # what neither the live socket nor the replay brought
             self.metrics.input_gaps.labels(topic=msg.topic).inc()
             self.metrics.input_missing.labels(topic=msg.topic).inc(verdict.missing)
             log.warning(

@@ -20,6 +20,7 @@ from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.contract.messages import VEHICLE_PATTERN
 from retrofit_agent.contract.settings import deep_merge, env_overrides, format_validation_error, read_toml, set_path
 from retrofit_agent.daemon.config import MetricsConfig as DaemonMetricsConfig
+from retrofit_agent.daemon.replay import replay_endpoint_for
 
 ENV_PREFIX = "RETROFIT_UPLINK_"
 ENV_CONFIG_FILE = "RETROFIT_UPLINK_CONFIG"
@@ -51,10 +52,25 @@ class InputConfig(_Section):
     curve_client_cert: Path | None = Field(None, description="This subscriber's CURVE certificate (.key_secret).")
     curve_server_key: Path | None = Field(None, description="The daemon's public CURVE certificate (.key).")
     receive_hwm: int = Field(10_000, ge=100, description="Messages ZeroMQ queues for the uplink before dropping.")
+    replay: bool = Field(
+        True,
+        description="Ask the daemon for what a gap in seq missed (its publish.replay): after a restart of the "
+        "uplink, at its first start, or when its queue overflowed.",
+    )
+    replay_endpoint: str | None = Field(
+        None,
+        description="The daemon's replay endpoint (its publish.replay_endpoint); unset: derived from endpoint as "
+        "the daemon derives it.",
+    )
+    replay_timeout_ms: int = Field(
+        1000, ge=50, le=30_000, description="How long to wait for a replay before counting the gap as lost."
+    )
 
-    @field_validator("endpoint")
+    @field_validator("endpoint", "replay_endpoint")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not v.startswith(("tcp://", "ipc://")) or len(v) <= len("ipc://"):
             raise ValueError(f"endpoint must be tcp://HOST:PORT or ipc://PATH, got {v!r}")
         return v
@@ -63,7 +79,16 @@ class InputConfig(_Section):
     def _curve_pair(self) -> InputConfig:
         if (self.curve_client_cert is None) != (self.curve_server_key is None):
             raise ValueError("curve_client_cert and curve_server_key go together")
+        if self.replay and self.replay_endpoint is None:
+            try:
+                replay_endpoint_for(self.endpoint)
+            except ValueError as e:
+                raise ValueError(f"replay_endpoint: {e}") from None
         return self
+
+    @property
+    def replay_address(self) -> str:
+        return self.replay_endpoint or replay_endpoint_for(self.endpoint)
 
 
 class JournalConfig(_Section):

@@ -24,6 +24,8 @@ class UplinkMetrics:
     input_gaps: Counter
     input_missing: Counter
     daemon_restarts: Counter
+    replayed: Counter
+    replay_failures: Counter
     backlog_messages: Gauge
     backlog_bytes: Gauge
     oldest_age: Gauge
@@ -67,12 +69,23 @@ class UplinkMetrics:
             ),
             input_gaps=Counter(
                 p + "input_gaps",
-                "Gaps in a stream's seq within one run_id (the daemon's losses).",
+                "Gaps in a stream's seq within one run_id that the daemon's replay could not fill (lost).",
                 ["topic"],
                 registry=registry,
             ),
             input_missing=Counter(
                 p + "input_missing_messages", "Messages missing in those gaps.", ["topic"], registry=registry
+            ),
+            replayed=Counter(
+                p + "replayed",
+                "Messages a gap in seq missed, taken from the daemon's replay, by topic.",
+                ["topic"],
+                registry=registry,
+            ),
+            replay_failures=Counter(
+                p + "replay_failures",
+                "Asks for a replay the daemon did not answer (not running, or replay off).",
+                registry=registry,
             ),
             daemon_restarts=Counter(
                 p + "daemon_restarts", "Streams that came back under a new run_id.", registry=registry
@@ -105,7 +118,7 @@ class UplinkMetrics:
             ),
         )
         for t in TOPICS:
-            for c in (m.received, m.journaled, m.forwarded, m.input_gaps, m.input_missing):
+            for c in (m.received, m.journaled, m.forwarded, m.input_gaps, m.input_missing, m.replayed):
                 c.labels(topic=t)
         for r in DROP_REASONS:
             m.dropped.labels(reason=r)

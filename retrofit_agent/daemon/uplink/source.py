@@ -2,7 +2,8 @@
 
 A stream is (camera, topic) under one ``run_id``. Within a run, ``seq`` must grow by one:
 a jump is a gap (messages the daemon's PUB socket dropped for the uplink, or sent while the
-uplink was not running), counted and logged but never invented; ``seq`` at or below the last
+uplink was not running): it is first asked of the daemon's replay (:mod:`..replay`), and what
+that no longer holds is counted and logged, never invented; ``seq`` at or below the last
 one is a duplicate and is dropped; a new ``run_id`` is a daemon restart, not a gap. The last
 (run_id, seq) of every stream is journaled with the messages, so a gap that spans an uplink
 restart is seen too.
@@ -59,6 +60,13 @@ class StreamTracker:
     changed: dict[str, tuple[str, int]] = field(default_factory=dict)  # updated since the last journal write
     _last_tags: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # camera -> (run, tags on)
 
+    def expected(self, msg: Incoming) -> int | None:
+        """The seq this stream should go on from if ``msg`` leaves a hole before it, else None:
+        the last seq + 1 within the same run, 0 for a new run or a stream never seen."""
+        prev = self.last.get(f"{msg.camera}/{msg.topic}")
+        start = prev[1] + 1 if prev is not None and prev[0] == msg.run_id else 0
+        return start if msg.seq > start else None
+
     def judge(self, msg: Incoming) -> Verdict:
         key = f"{msg.camera}/{msg.topic}"
         prev = self.last.get(key)
@@ -68,7 +76,9 @@ class StreamTracker:
                 return Verdict(keep=False, duplicate=True)
             verdict.missing = msg.seq - prev[1] - 1
         elif prev is not None:
+            # A new run starts at seq 0; what it published before this message never arrived.
             verdict.restart = True
+            verdict.missing = msg.seq
         self.last[key] = self.changed[key] = (msg.run_id, msg.seq)
         if msg.topic == "tags" and not self._keep_tags(msg):
             verdict.keep, verdict.filtered = False, True

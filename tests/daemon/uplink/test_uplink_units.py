@@ -59,6 +59,17 @@ def test_a_seq_jump_within_a_run_is_a_gap_and_a_new_run_id_is_a_restart_not_a_ga
     v = t.judge(msg(0, run="r2"))
     assert v.restart and v.missing == 0 and v.keep
     assert t.judge(msg(0, run="r2")).duplicate
+    v = t.judge(msg(3, run="r3"))  # a new run's seq 0..2 never arrived
+    assert v.restart and v.missing == 3
+
+
+def test_the_tracker_names_the_stretch_to_ask_the_daemons_replay_for():
+    t = StreamTracker()
+    assert t.expected(msg(4)) == 0  # a stream never seen: from its run's start
+    t.judge(msg(4))
+    assert t.expected(msg(5)) is None
+    assert t.expected(msg(9)) == 5
+    assert t.expected(msg(2, run="r2")) == 0 and t.expected(msg(0, run="r2")) is None
 
 
 def test_tags_filter_all_every_nth_and_changes_only():
