@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrofit_agent.contract.errors import ConfigError
+from retrofit_agent.contract.messages import TOPICS
 from retrofit_agent.daemon.config import AgentConfig
 
 MB = 1024**2
@@ -35,10 +36,11 @@ class MemoryEstimate:
     ring: int
     queue: int
     decoder: int = 0
+    replay: int = 0
 
     @property
     def total(self) -> int:
-        return self.runtime + self.frames + self.ring + self.queue + self.decoder
+        return self.runtime + self.frames + self.ring + self.queue + self.decoder + self.replay
 
     def describe(self) -> str:
         parts = (
@@ -47,6 +49,7 @@ class MemoryEstimate:
             ("frames", self.frames),
             ("pre-trigger ring", self.ring),
             ("capture queue", self.queue),
+            ("replay", self.replay),
         )
         return ", ".join(f"{name} {size / MB:.0f} MB" for name, size in parts if size)
 
@@ -66,6 +69,7 @@ def estimate(cfg: AgentConfig, model_bytes: int = 0, source: tuple[int, int] | N
         ring=collect.store.ring_max_bytes if pre_trigger else 0,
         queue=collect.store.queue_max_bytes if collect.campaigns else 0,
         decoder=decoder_bytes(*source) if source else 0,
+        replay=len(TOPICS) * cfg.publish.replay_bytes_per_topic if cfg.publish.replay else 0,
     )
 
 
@@ -113,6 +117,6 @@ def check_memory_budget(
         raise ConfigError(
             f"config error: {what} up to {need.total / MB:.0f} MB ({need.describe()}) but {origin} is "
             f"{budget / MB:.0f} MB; lower camera.max_frame_width/max_frame_height, collect.store.queue_max_bytes "
-            "or collect.store.ring_max_bytes, or raise the budget"
+            "or collect.store.ring_max_bytes, publish.replay_bytes_per_topic, or raise the budget"
         )
     return need

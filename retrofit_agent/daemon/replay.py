@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 log = structlog.get_logger("retrofit_agent.daemon.replay")
 
 MAX_REPLY_BYTES = 4 * 1024 * 1024
+ITEM_OVERHEAD = 100  # bytes a held message costs beyond its payload (bytes object, tuple, deque slot)
 
 
 def replay_endpoint_for(endpoint: str) -> str:
@@ -73,9 +74,9 @@ class ReplayRing:
                 t.items.clear()  # seq only grows by one in a run; anything else starts afresh
                 t.bytes = 0
             t.items.append((seq, payload))
-            t.bytes += len(payload)
+            t.bytes += len(payload) + ITEM_OVERHEAD
             while t.bytes > self.max_bytes and len(t.items) > 1:
-                t.bytes -= len(t.items.popleft()[1])
+                t.bytes -= len(t.items.popleft()[1]) + ITEM_OVERHEAD
 
     def take(self, topic: str, from_seq: int, to_seq: int, max_bytes: int) -> tuple[int | None, list[bytes], bool]:
         """(first seq held, payloads with ``from_seq <= seq < to_seq``, cut short by ``max_bytes``)."""

@@ -22,7 +22,7 @@ def seqs(payloads: list[bytes]) -> list[int]:
 
 
 def test_the_ring_keeps_the_newest_within_its_bytes_per_topic_and_a_chatty_topic_never_evicts_a_rare_one():
-    ring = ReplayRing(max_bytes_per_topic=len(payload(0)) * 10)
+    ring = ReplayRing(max_bytes_per_topic=(len(payload(0)) + replay.ITEM_OVERHEAD) * 10)
     ring.add("events", 0, payload(0))
     for s in range(100):
         ring.add("tags", s, payload(s))
