@@ -467,6 +467,32 @@ CASES = [
     M("world", expect="the following arguments are required: ACTION", marks=WORLD),
     M("world", "images", "--count", "0", "--out", "{tmp}/w", expect="--count must be between 1", marks=WORLD),
     M("world", "clip", "--out", "{tmp}/drive.avi", expect="--out must name an .mp4 file", marks=WORLD),
+    M("chain", "--work", "{tmp}/w", "--out", "{tmp}/b", expect="the following arguments are required: --config"),
+    M("chain", "--config", "{tmp}/no.toml", "--work", "{tmp}/w", "--out", "{tmp}/b", expect="config file not found"),
+    M("chain", "--config", "{bad_chain}", "--work", "{tmp}/w", "--out", "{tmp}/b", expect="teacher: Field required"),
+    M(
+        "chain",
+        "--config",
+        "{chain_ci}",
+        "--work",
+        "{tmp}/w",
+        "--out",
+        "{tmp}/b",
+        "--until",
+        "nope",
+        expect="--until: invalid choice",
+    ),
+    M(
+        "chain",
+        "--config",
+        "{chain_ci}",
+        "--work",
+        "{tmp}/w",
+        "--out",
+        "{tmp}/b",
+        expect="needs the train extra",
+        block=_TRAIN_BLOCKED,
+    ),
     M("teacher-train", "--config", "{tmp}/no.toml", expect="config file not found"),
     M("teacher-train", "--set", "model.name=nope", "--out", "{tmp}/t", expect="model.name: no open_clip config 'nope'"),
     M("teacher-train", "--steps", "0", "--out", "{tmp}/t", expect="optim.steps: Input should be greater than"),
@@ -494,6 +520,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
     (tmp / "garbage.bin").write_bytes(b"\x00\xff\xfe not a model, key or text \x80\x81")
     (tmp / "bad.toml").write_text("camera = = 1\n")
     (tmp / "no_templates.toml").write_text('[[groups]]\nname = "g"\n')
+    (tmp / "bad_chain.toml").write_text('[distill]\nconfig = "models/configs/ci-student.toml"\n')
     (tmp / "campaign.toml").write_text(
         '[[collect.campaigns]]\nname = "hail"\nrule = { any_of = ["weather.hail"] }\n'
         f'[collect.store]\ndirectory = "{tmp}/captures"\n'
@@ -515,6 +542,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
         "garbage": str(tmp / "garbage.bin"),
         "bad_toml": str(tmp / "bad.toml"),
         "no_templates": str(tmp / "no_templates.toml"),
+        "bad_chain": str(tmp / "bad_chain.toml"),
+        "chain_ci": str(REPO / "models/configs/chain-ci.toml"),
         "campaign_toml": str(tmp / "campaign.toml"),
         "tampered": str(tampered),
         "existing_keys": str(keys),

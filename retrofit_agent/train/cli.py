@@ -153,7 +153,10 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from retrofit_agent.train import commands  # export, quantize, prompts, bundle, evaluate, ...
+    from retrofit_agent.train import (
+        chain,
+        commands,  # export, quantize, prompts, bundle, evaluate, ...
+    )
     from retrofit_agent.train.teacher_train import cli as teacher_train_cli
     from retrofit_agent.train.world import cli as world_cli
 
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)  # modules that register themselves with set_defaults(func=...)
     world_cli.register(sub)  # world images / world clip (torch-free)
     teacher_train_cli.register(sub)  # teacher-train: a CLIP teacher trained on the world
+    chain.register(sub)  # chain: world → teacher → student → bundle → daemon score
     return p
 
 

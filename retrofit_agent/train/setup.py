@@ -279,7 +279,9 @@ def prepare_cache(
         cfg.cache.on_mismatch,
         lambda: precision.autocast(teacher.device),
     )
-    cache = TeacherCache(cfg.cache_dir, cache_key(teacher, train, spec), teacher.grid_size)
+    # A ResNet teacher (no patch grid) serves the embedding and affinity losses only.
+    grid = teacher.grid_size if spec.layers is not None else (0, 0)
+    cache = TeacherCache(cfg.cache_dir, cache_key(teacher, train, spec), grid)
     log.info(
         "teacher_cache_ready",
         dir=str(cfg.cache_dir),

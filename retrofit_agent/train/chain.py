@@ -1,0 +1,407 @@
+"""The whole chain on the procedural world, in cached, resumable stages:
+
+    world → clip → teacher → distill → export → bank → quantize → bundle → score
+
+``retrofit-model chain --config models/configs/chain-ci.toml --work DIR --out BUNDLE`` runs what is
+not done yet. Each stage records ``done.json`` with a key over its settings and the keys of the
+stages it reads; a stage whose key still matches is skipped, so a build survives interruption
+and can be run in pieces (``--until STAGE``). The two long stages resume from their own
+checkpoints: ``teacher-train --resume`` and ``distill --resume auto``.
+
+Every stage is the ``retrofit-model`` command a person would type (run in this process, so
+torch loads once), and the last one is the product itself: ``retrofit-agent`` as a subprocess
+on the world's drive clip, its ``tags`` taken over ZeroMQ and scored per group against the
+clip's ground truth (:mod:`.world.score`).
+
+Two profiles ship: ``chain-ci.toml`` (a tiny teacher and student: minutes; CI asserts accuracy
+well above chance) and ``chain-reference.toml`` (the reference bundle: CPU hours).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrofit_agent.contract.errors import ConfigError, RetrofitError
+from retrofit_agent.contract.settings import format_validation_error, read_toml
+
+log = structlog.get_logger("retrofit_agent.train.chain")
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ("world", "clip", "teacher", "distill", "export", "bank", "quantize", "bundle", "score")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldStage(_Strict):
+    seed: int = Field(1, ge=0, description="World seed of the distillation pictures.")
+    count: int = Field(3000, ge=16, description="Pictures the student is distilled on.")
+    heldout_seed: int = Field(7, ge=0, description="World seed of the held-out pictures (quantization gate).")
+    heldout_count: int = Field(200, ge=8)
+    size: int = Field(224, ge=32, le=1024, description="Picture side in pixels.")
+    shard_size: int = Field(1000, ge=16)
+
+
+class ClipStage(_Strict):
+    seed: int = Field(0, ge=0)
+    segment_seconds: float = Field(8.0, gt=0)
+    size: str = Field("640x360", pattern=r"^\d+x\d+$")
+    segments: str | None = Field(None, description="Segment names; unset: the drive that shows every label.")
+
+
+class TeacherStage(_Strict):
+    config: Path = Field(description="teacher-train recipe (TOML), relative to the repo.")
+    overrides: list[str] = Field(default_factory=list, description="--set KEY=VALUE for teacher-train.")
+
+
+class DistillStage(_Strict):
+    config: Path = Field(
+        description="distill recipe (TOML), relative to the repo; the chain sets the teacher, data and out_dir."
+    )
+    overrides: list[str] = Field(default_factory=list)
+
+
+class QuantizeStage(_Strict):
+    calibration_count: int = Field(256, ge=8)
+    heldout_count: int = Field(200, ge=8)
+    min_cosine: float = Field(0.98, ge=0, le=1)
+    min_agreement: float = Field(0.95, ge=0, le=1)
+
+
+class BundleStage(_Strict):
+    name: str = "retrofit-world-reference"
+    version: str = "1.0.0-world"
+    notice: str = (
+        "Trained on the procedural driving world of retrofit_agent.train.world only (synthetic pictures, "
+        "a CLIP teacher trained from scratch on them). Its labels mean nothing on real roads."
+    )
+
+
+class ScoreStage(_Strict):
+    settle_s: float = Field(1.0, ge=0, description="Seconds after each segment change left out of the score.")
+    threads: int = Field(1, ge=1)
+    goals: dict[str, float] = Field(
+        default_factory=dict, description="group -> least top-1 on the clip; a group missing it fails the stage."
+    )
+
+
+class ChainConfig(_Strict):
+    prompts_file: Path = Path("models/prompts/automotive.toml")
+    world: WorldStage = WorldStage()
+    clip: ClipStage = ClipStage()
+    teacher: TeacherStage
+    distill: DistillStage
+    quantize: QuantizeStage = QuantizeStage()
+    bundle: BundleStage = BundleStage()
+    score: ScoreStage = ScoreStage()
+
+
+def load_chain_config(path: Path) -> ChainConfig:
+    from pydantic import ValidationError
+
+    try:
+        return ChainConfig.model_validate(read_toml(path))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model(argv: list[str]) -> None:
+    """One retrofit-model command, in this process; a non-zero exit stops the chain."""
+    from retrofit_agent.train.cli import main
+
+    log.info("chain_command", argv=" ".join(argv))
+    code = main(["--log-format", "json", *argv])
+    if code != 0:
+        raise RetrofitError(f"'retrofit-model {argv[0]}' failed with exit code {code} (its error line is above)")
+
+
+class Chain:
+    def __init__(self, cfg: ChainConfig, work: Path, out: Path) -> None:
+        self.cfg, self.work, self.out = cfg, work, out
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def path(self, *parts: str) -> Path:
+        return self.work.joinpath(*parts)
+
+    def run(self, until: str = "score", force: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+        self.work.mkdir(parents=True, exist_ok=True)
+        for name in STAGES[: STAGES.index(until) + 1]:
+            stage: Callable[[], dict[str, Any]] = getattr(self, f"_{name}")
+            key = self._stage_key(name)
+            done = self.path(name, "done.json")
+            if name not in force and done.is_file():
+                record = json.loads(done.read_text())
+                if record.get("key") == key:
+                    log.info("chain_stage_cached", stage=name, key=key)
+                    self.keys[name], self.results[name] = key, record.get("result", {})
+                    continue
+            log.info("chain_stage_started", stage=name, key=key)
+            t0, c0 = time.monotonic(), time.process_time()
+            self.path(name).mkdir(parents=True, exist_ok=True)
+            result = stage()
+            result["wall_s"] = round(time.monotonic() - t0, 1)
+            result["cpu_s"] = round(time.process_time() - c0, 1)  # this process; the daemon's is in score
+            done.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+            self.keys[name], self.results[name] = key, result
+            log.info("chain_stage_done", stage=name, wall_s=result["wall_s"])
+        return self.results
+
+    def _stage_key(self, name: str) -> str:
+        c = self.cfg
+        upstream = {
+            "world": (),
+            "clip": (),
+            "teacher": (),
+            "distill": ("world", "teacher"),
+            "export": ("distill",),
+            "bank": ("teacher",),
+            "quantize": ("export", "bank", "world"),
+            "bundle": ("quantize", "bank"),
+            "score": ("bundle", "clip"),
+        }[name]
+        own: Any = {
+            "world": c.world,
+            "clip": c.clip,
+            "teacher": (c.teacher, _file_text(c.teacher.config)),
+            "distill": (c.distill, _file_text(c.distill.config)),
+            "export": None,
+            "bank": str(c.prompts_file),
+            "quantize": c.quantize,
+            "bundle": (c.bundle, str(self.out)),
+            "score": c.score,
+        }[name]
+        own = own.model_dump(mode="json") if isinstance(own, BaseModel) else own
+        if isinstance(own, tuple):
+            own = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in own]
+        return _key(name, own, [self.keys[u] for u in upstream])
+
+    # ------------------------------------------------------------------ stages
+
+    def _world(self) -> dict[str, Any]:
+        w = self.cfg.world
+        size = f"{w.size}x{w.size}"
+        for sub, seed, count in (("train", w.seed, w.count), ("heldout", w.heldout_seed, w.heldout_count)):
+            _model(
+                [
+                    "world",
+                    "images",
+                    *("--count", str(count), "--out", str(self.path("world", sub)), "--seed", str(seed)),
+                    *("--size", size, "--shard-size", str(w.shard_size), "--prompts", str(self.cfg.prompts_file)),
+                ]
+            )
+        shards = sorted(str(p) for p in self.path("world", "train", "shards").glob("*.tar"))
+        return {"train_images": w.count, "heldout_images": w.heldout_count, "shards": shards}
+
+    def _clip(self) -> dict[str, Any]:
+        c = self.cfg.clip
+        clip = self.path("clip", "drive.mp4")
+        argv = ["world", "clip", "--out", str(clip), "--seed", str(c.seed), "--size", c.size]
+        argv += ["--segment-seconds", str(c.segment_seconds), "--prompts", str(self.cfg.prompts_file)]
+        if c.segments:
+            argv += ["--segments", c.segments]
+        _model(argv)
+        return {"clip": str(clip), "truth": str(clip.with_suffix(".jsonl"))}
+
+    def _teacher(self) -> dict[str, Any]:
+        t = self.cfg.teacher
+        out = self.path("teacher")
+        argv = ["teacher-train", "--config", str(t.config), "--out", str(out), "--resume"]
+        for o in t.overrides:
+            argv += ["--set", o]
+        _model(argv)
+        report = json.loads((out / "eval.json").read_text())
+        name = json.loads((out / "config.json").read_text())["model"]["name"]
+        return {"model": name, "checkpoint": str(out / "checkpoint.pt"), "eval": _top1(report)}
+
+    def _distill(self) -> dict[str, Any]:
+        d, teacher = self.cfg.distill, self.results["teacher"]
+        out = self.path("distill")
+        shards = self.results["world"]["shards"]
+        argv = ["distill", "--config", str(d.config), "--out", str(out), "--resume", "auto", "--no-progress"]
+        sets = [
+            f"teacher.model={teacher['model']}",
+            f"teacher.pretrained={teacher['checkpoint']}",
+            f"data.train={json.dumps(shards)}",
+            f"bank.prompts_file={self.cfg.prompts_file}",
+            *d.overrides,
+        ]
+        for s in sets:
+            argv += ["--set", s]
+        _model(argv)
+        summary = _last_json(out / "metrics.jsonl")
+        return {"student": str(out / "student.pt"), "last_metrics": summary}
+
+    def _export(self) -> dict[str, Any]:
+        fp32 = self.path("export", "student.fp32.onnx")
+        images = self.path("world", "heldout", "images")
+        _model(
+            ["export", "--checkpoint", self.results["distill"]["student"], "--images", str(images), "--out", str(fp32)]
+        )
+        return {"fp32": str(fp32)}
+
+    def _bank(self) -> dict[str, Any]:
+        t = self.results["teacher"]
+        bank = self.path("bank", "bank.npz")
+        _model(
+            [
+                "prompts",
+                "--prompts",
+                str(self.cfg.prompts_file),
+                "--teacher",
+                t["model"],
+                "--pretrained",
+                t["checkpoint"],
+                "--out",
+                str(bank),
+            ]
+        )
+        return {"bank": str(bank)}
+
+    def _quantize(self) -> dict[str, Any]:
+        q = self.cfg.quantize
+        int8 = self.path("quantize", "student.int8.onnx")
+        _model(
+            [
+                "quantize",
+                *("--fp32", self.results["export"]["fp32"], "--out", str(int8)),
+                *("--calibration", str(self.path("world", "train", "images")), "--count", str(q.calibration_count)),
+                *("--held-out", str(self.path("world", "heldout", "images")), "--held-out-count", str(q.heldout_count)),
+                *("--bank", self.results["bank"]["bank"]),
+                *("--min-cosine", str(q.min_cosine), "--min-agreement", str(q.min_agreement)),
+            ]
+        )
+        return {"int8": str(int8)}
+
+    def _bundle(self) -> dict[str, Any]:
+        b = self.cfg.bundle
+        _model(
+            [
+                "bundle",
+                *("--model", self.results["quantize"]["int8"], "--bank", self.results["bank"]["bank"]),
+                *("--prompts", str(self.cfg.prompts_file), "--name", b.name, "--version", b.version),
+                *("--quantization", "int8_static_qdq", "--notice", b.notice, "--out", str(self.out)),
+                *("--calibration-note", f"minmax, {self.cfg.quantize.calibration_count} world pictures"),
+            ]
+        )
+        return {"bundle": str(self.out)}
+
+    def _score(self) -> dict[str, Any]:
+        from retrofit_agent.train.world.score import format_scores, read_truth, score_tags
+
+        s = self.cfg.score
+        clip = Path(self.results["clip"]["clip"])
+        messages = run_daemon_on_clip(self.out, clip, self.path("score"), s.threads)
+        scores = score_tags(messages, read_truth(Path(self.results["clip"]["truth"])), s.settle_s)
+        table = format_scores(scores, None)
+        (self.path("score", "table.txt")).write_text(table + "\n")
+        sys.stdout.write(table + "\n")
+        top1 = {g: round(v.accuracy, 4) for g, v in scores.items()}
+        missed = {g: (top1.get(g), goal) for g, goal in s.goals.items() if not top1.get(g, 0.0) >= goal}
+        if missed:
+            raise RetrofitError(
+                f"score: below the goal on the clip: {missed} (table: {self.path('score', 'table.txt')})"
+            )
+        return {"frames": len(messages), "top1": top1}
+
+
+def run_daemon_on_clip(bundle: Path, clip: Path, work: Path, threads: int = 1) -> list[dict[str, Any]]:
+    """Every ``tags`` message the real daemon publishes playing ``clip`` once, taken over ZeroMQ.
+
+    ``--realtime``, as a camera delivers it: a subscriber joins a PUB socket a moment after it
+    binds, and the first ~0.1 s of frames (inside the first segment's settle time, never scored)
+    are what that costs; at full speed a small model would finish the clip before then."""
+    import zmq
+
+    endpoint = f"ipc://{work}/daemon.sock"
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"tags")
+    sub.connect(endpoint)
+    env = {**os.environ, "RETROFIT_PUBLISH__SEND_HWM": "1000000", "RETROFIT_PUBLISH__REPLAY": "false"}
+    argv = [sys.executable, "-m", "retrofit_agent", "--camera", str(clip), "--bundle", str(bundle)]
+    argv += ["--publish", endpoint, "--threads", str(threads), "--log-format", "json", "--realtime"]
+    argv += ["--metrics-address", "127.0.0.1:0"]
+    messages: list[dict[str, Any]] = []
+    with open(work / "daemon.log", "wb") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        try:
+            while True:
+                if sub.poll(200):
+                    messages.append(json.loads(sub.recv_multipart()[1]))
+                elif proc.poll() is not None:
+                    break
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            sub.close()
+    if proc.returncode != 0:
+        tail = (work / "daemon.log").read_text(errors="replace").splitlines()[-3:]
+        raise RetrofitError(f"score: the daemon exited with {proc.returncode}: {' | '.join(tail)}")
+    return messages
+
+
+def _top1(report: dict[str, Any]) -> dict[str, Any]:
+    groups = report.get("groups", report)
+    return {g: v.get("top1") for g, v in groups.items() if isinstance(v, dict) and "top1" in v}
+
+
+def _last_json(path: Path) -> dict[str, Any]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _file_text(path: Path) -> str:
+    p = path if path.is_absolute() else REPO / path
+    return p.read_text(encoding="utf-8") if p.is_file() else ""
+
+
+def register(sub: Any) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "chain",
+        help="world → teacher → distil → export → quantize → bundle → daemon score, in cached resumable stages",
+        description="Build a bundle from the procedural world end to end and score the daemon with it on the "
+        "world's drive clip. Stages already done with the same settings are skipped; the teacher and the "
+        "distillation resume from their checkpoints.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="chain profile, e.g. models/configs/chain-ci.toml")
+    p.add_argument("--work", type=Path, required=True, help="work directory: every stage's output and done.json")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--until", choices=STAGES, default="score", help="last stage to run (default: score)")
+    p.add_argument("--force", action="append", choices=STAGES, default=[], help="rerun this stage even if done")
+
+    def run(a: argparse.Namespace) -> int:
+        import importlib
+
+        cfg = load_chain_config(a.config)
+        for module in ("torch", "open_clip", "timm"):  # before the first stage, not after the world is drawn
+            importlib.import_module(module)
+        for stage_file in (cfg.teacher.config, cfg.distill.config, cfg.prompts_file):
+            if not stage_file.is_file():
+                raise ConfigError(f"{a.config}: no such file: {stage_file}")
+        results = Chain(cfg, a.work, a.out).run(a.until, tuple(a.force))
+        (a.work / "chain.json").write_text(json.dumps(results, indent=2) + "\n")
+        sys.stdout.write(json.dumps({k: {"wall_s": v.get("wall_s")} for k, v in results.items()}) + "\n")
+        return 0
+
+    p.set_defaults(func=run)
