@@ -22,7 +22,6 @@ CI teacher, which learns only time of day and weather in its minute.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -79,16 +78,7 @@ def main() -> int:
             chain = Chain(cfg, work, work / "bundle")
             chain.results.update({k: base.results[k] for k in SHARED})
             chain.keys.update({k: base.keys[k] for k in SHARED})
-            for stage in ("distill", "export", "quantize", "bundle", "score"):
-                key = chain._stage_key(stage)
-                done = work / stage / "done.json"
-                if done.is_file() and json.loads(done.read_text()).get("key") == key:
-                    chain.results[stage], chain.keys[stage] = json.loads(done.read_text())["result"], key
-                    continue
-                (work / stage).mkdir(parents=True, exist_ok=True)
-                result = getattr(chain, f"_{stage}")()
-                done.write_text(json.dumps({"key": key, "result": result}))
-                chain.results[stage], chain.keys[stage] = result, key
+            chain.run(start="distill")
             rows.setdefault(recipe, []).append(chain.results["score"]["top1"])
             print(f"{recipe} seed {seed}: {chain.results['score']['top1']}", flush=True)
     groups = list(rows["consistent"][0])

@@ -11,9 +11,9 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from retrofit_agent.contract.errors import ConfigError
 
@@ -34,6 +34,20 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_settings(model: type[M], path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> M:
+    """Defaults < TOML file < overrides, validated by ``model``; every failure is a one-line ConfigError."""
+    data = read_toml(path) if path is not None else {}
+    data = deep_merge(data, overrides or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        origin = f"config ({path.name})" if path is not None else "config"
+        raise ConfigError(format_validation_error(e, origin)) from None
 
 
 def env_overrides(environ: Mapping[str, str], prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:

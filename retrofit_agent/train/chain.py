@@ -33,7 +33,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
-from retrofit_agent.contract.settings import format_validation_error, read_toml
+from retrofit_agent.contract.settings import load_settings
 
 log = structlog.get_logger("retrofit_agent.train.chain")
 REPO = Path(__file__).resolve().parents[2]
@@ -108,12 +108,7 @@ class ChainConfig(_Strict):
 
 
 def load_chain_config(path: Path) -> ChainConfig:
-    from pydantic import ValidationError
-
-    try:
-        return ChainConfig.model_validate(read_toml(path))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    return load_settings(ChainConfig, path)
 
 
 def _key(*parts: Any) -> str:
@@ -139,9 +134,11 @@ class Chain:
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
 
-    def run(self, until: str = "score", force: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    def run(self, until: str = "score", force: tuple[str, ...] = (), start: str = "world") -> dict[str, dict[str, Any]]:
+        """Run the stages from ``start`` to ``until``; those before ``start`` must already be in
+        ``results`` and ``keys`` (a caller sharing them between chains, as benchmarks do)."""
         self.work.mkdir(parents=True, exist_ok=True)
-        for name in STAGES[: STAGES.index(until) + 1]:
+        for name in STAGES[STAGES.index(start) : STAGES.index(until) + 1]:
             stage: Callable[[], dict[str, Any]] = getattr(self, f"_{name}")
             key = self._stage_key(name)
             done = self.path(name, "done.json")

@@ -50,17 +50,24 @@ class Command:
 # --------------------------------------------------------------------------- distill
 
 
-def _distill_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", type=Path, help="TOML config (see models/configs/); defaults reproduce the paper's setup"
-    )
+def add_config_arguments(p: argparse.ArgumentParser, config_help: str, example: str) -> None:
+    """``--config FILE`` and repeated ``--set KEY=VALUE``, read back by :func:`overrides_from_args`."""
+    p.add_argument("--config", type=Path, help=config_help)
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=1e-3 --set data.train='[\"shards/{000..009}.tar\"]'",
+        help=f"override a config value, e.g. {example}",
+    )
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(
+        p,
+        "TOML config (see models/configs/); defaults reproduce the paper's setup",
+        "--set optim.lr=1e-3 --set data.train='[\"shards/{000..009}.tar\"]'",
     )
     p.add_argument("--out", dest="run.out_dir", metavar="DIR", help="run directory (run.out_dir)")
     p.add_argument("--resume", dest="run.resume", metavar="auto|never|DIR", help="run.resume")
@@ -76,7 +83,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``--set`` items first, then the dedicated flags (already typed by argparse) on top."""
     from retrofit_agent.train.config import parse_overrides
 
@@ -96,7 +103,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     from retrofit_agent.contract.logs import configure_logging
     from retrofit_agent.train.config import load_distill_config
 
-    cfg = load_distill_config(args.config, _overrides(args))
+    cfg = load_distill_config(args.config, overrides_from_args(args))
     if args.print_config:
         sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
         return 0

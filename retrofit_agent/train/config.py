@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retrofit_agent.contract.errors import ConfigError
-from retrofit_agent.contract.settings import deep_merge, format_validation_error, read_toml
+from retrofit_agent.contract.settings import load_settings
 
 
 class _Strict(BaseModel):
@@ -339,10 +339,4 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def load_distill_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> DistillConfig:
     """Defaults < TOML file < overrides; every failure is a one-line ConfigError."""
-    data = read_toml(path) if path is not None else {}
-    data = deep_merge(data, overrides or {})
-    try:
-        return DistillConfig.model_validate(data)
-    except ValidationError as e:
-        origin = f"config ({path.name})" if path is not None else "config"
-        raise ConfigError(format_validation_error(e, origin)) from None
+    return load_settings(DistillConfig, path, overrides)

@@ -42,6 +42,31 @@ def register_local_configs() -> None:
         _registered = True
 
 
+def teacher_view(model: nn.Module) -> InputSpec:
+    """The input an open_clip model gets as a teacher: its size and CLIP mean/std, resized like the student's.
+
+    open_clip's eval transform resizes the short side and centre-crops; we stretch the
+    whole frame instead, exactly as the student's spec does, so the 224 px teacher view
+    and the 300 px student view show the same content (only the sampling differs). The
+    world teacher trains on this same view (``teacher_train/stream.py``).
+    """
+    pp = model.visual.preprocess_cfg
+    size = pp.get("size", 224)
+    side = int(size) if isinstance(size, int) else int(size[0])
+    return InputSpec(
+        name="teacher",
+        height=side,
+        width=side,
+        layout="NCHW",
+        dtype="float32",
+        color="RGB",
+        mean=tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
+        resize="stretch",
+        interpolation="area",
+    )
+
+
 class Teacher(nn.Module):
     """An open_clip model by name, ``pretrained`` a published tag or a local checkpoint path.
 
@@ -60,10 +85,10 @@ class Teacher(nn.Module):
         self.model = open_clip.create_model(model_name, pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model.eval().requires_grad_(False)
-        pp = self.model.visual.preprocess_cfg
-        self.image_size: int = int(pp.get("size", 224)) if isinstance(pp.get("size", 224), int) else int(pp["size"][0])
-        self.mean: tuple[float, float, float] = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        self.std: tuple[float, float, float] = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        self._spec = teacher_view(self.model)
+        self.image_size: int = self._spec.height
+        self.mean: tuple[float, float, float] = self._spec.mean
+        self.std: tuple[float, float, float] = self._spec.std
         self._weights_sha256: str | None = None
 
     def train(self, mode: bool = True) -> Teacher:  # the teacher never trains
@@ -126,24 +151,8 @@ class Teacher(nn.Module):
         return next(self.model.parameters()).device
 
     def input_spec(self) -> InputSpec:
-        """The teacher's own view: its size and CLIP mean/std, resized like the student's.
-
-        open_clip's eval transform resizes the short side and centre-crops; we stretch the
-        whole frame instead, exactly as the student's spec does, so the 224 px teacher view
-        and the 300 px student view show the same content (only the sampling differs).
-        """
-        return InputSpec(
-            name="teacher",
-            height=self.image_size,
-            width=self.image_size,
-            layout="NCHW",
-            dtype="float32",
-            color="RGB",
-            mean=self.mean,
-            std=self.std,
-            resize="stretch",
-            interpolation="area",
-        )
+        """The teacher's own view (:func:`teacher_view`)."""
+        return self._spec
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -17,9 +17,13 @@ open_clip = pytest.importorskip("open_clip")
 from helpers import REPO  # noqa: E402
 from retrofit_agent.contract.errors import ConfigError  # noqa: E402
 from retrofit_agent.train.cli import main  # noqa: E402
-from retrofit_agent.train.teacher import CONFIG_DIR, Teacher  # noqa: E402
+from retrofit_agent.train.teacher import (  # noqa: E402
+    CONFIG_DIR,
+    Teacher,
+    teacher_view,  # noqa: E402
+)
 from retrofit_agent.train.teacher_train.config import MODEL_CONFIG_DIR, load_teacher_train_config  # noqa: E402
-from retrofit_agent.train.teacher_train.stream import WorldBatches, teacher_view  # noqa: E402
+from retrofit_agent.train.teacher_train.stream import WorldBatches  # noqa: E402
 from retrofit_agent.train.teacher_train.trainer import TeacherTrainer, build_model  # noqa: E402
 
 pytestmark = [pytest.mark.train]

@@ -25,16 +25,12 @@ from retrofit_agent.contract.errors import ConfigError
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", type=Path, help="TOML config (see models/configs/world-teacher.toml); defaults are that recipe"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=5e-4 --set data.twins=0.25",
+    from retrofit_agent.train.cli import add_config_arguments
+
+    add_config_arguments(
+        p,
+        "TOML config (see models/configs/world-teacher.toml); defaults are that recipe",
+        "--set optim.lr=5e-4 --set data.twins=0.25",
     )
     p.add_argument("--out", dest="run.out_dir", metavar="DIR", help="run directory (run.out_dir)")
     p.add_argument("--steps", dest="optim.steps", type=int, metavar="N", help="optim.steps")
@@ -55,14 +51,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from retrofit_agent.train.config import parse_overrides
+    from retrofit_agent.train.cli import overrides_from_args
 
-    tree = parse_overrides(args.overrides)
-    for key, value in vars(args).items():
-        if "." not in key or value is None:
-            continue
-        section, leaf = key.split(".", 1)
-        tree.setdefault(section, {})[leaf] = value
+    tree = overrides_from_args(args)
     if args.scenes is not None:
         tree.setdefault("eval", {})["scenes"] = args.scenes
     return tree

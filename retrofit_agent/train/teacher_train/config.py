@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retrofit_agent.contract.errors import ConfigError
-from retrofit_agent.contract.settings import deep_merge, format_validation_error, read_toml
+from retrofit_agent.contract.settings import load_settings
 
 # The world numbers its scenes seed * 10_000_000 + index (world.dataset.scene_seed); a world
 # seed therefore owns ten million scenes, and two different world seeds never share one.
@@ -184,13 +183,7 @@ def load_teacher_train_config(
     path: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> TeacherTrainConfig:
     """Defaults < TOML file < overrides; every failure is a one-line ConfigError."""
-    data = read_toml(path) if path is not None else {}
-    data = deep_merge(data, overrides or {})
-    try:
-        return TeacherTrainConfig.model_validate(data)
-    except ValidationError as e:
-        origin = f"config ({path.name})" if path is not None else "config"
-        raise ConfigError(format_validation_error(e, origin)) from None
+    return load_settings(TeacherTrainConfig, path, overrides)
 
 
 def dump(cfg: TeacherTrainConfig) -> str:

@@ -5,7 +5,7 @@ scene ``world_seed * 1e7 + i``, rendered square at a side drawn from the scene's
 JPEG-coded at the scene's own quality (what ``world images`` writes and distillation
 reads), decoded, and resized and normalised by the runtime's
 :class:`~retrofit_agent.contract.preprocess.Preprocessor` with the teacher's own
-:func:`teacher_view` (stretch, area filter, CLIP mean/std). So a resumed run sees exactly
+:func:`~retrofit_agent.train.teacher.teacher_view` (stretch, area filter, CLIP mean/std). So a resumed run sees exactly
 the batches the uninterrupted run would have, and the teacher learns on the pixels it is
 later asked about.
 
@@ -44,27 +44,6 @@ from retrofit_agent.train.world import (
 )
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
-
-
-def teacher_view(model: Any) -> InputSpec:
-    """The input an open_clip model gets as a distillation teacher (``Teacher.input_spec``)."""
-    import open_clip
-
-    pp = model.visual.preprocess_cfg
-    size = pp.get("size", 224)
-    side = int(size) if isinstance(size, int) else int(size[0])
-    return InputSpec(
-        name="teacher",
-        height=side,
-        width=side,
-        layout="NCHW",
-        dtype="float32",
-        color="RGB",
-        mean=tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
-        resize="stretch",
-        interpolation="area",
-    )
 
 
 @dataclass(frozen=True)

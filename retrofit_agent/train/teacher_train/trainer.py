@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader
 
 from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.contract.prompts import load_prompts
-from retrofit_agent.train.teacher import register_local_configs
+from retrofit_agent.train.teacher import register_local_configs, teacher_view
 from retrofit_agent.train.teacher_train.config import TeacherTrainConfig
-from retrofit_agent.train.teacher_train.stream import HeldOut, WorldBatches, held_out, teacher_view
+from retrofit_agent.train.teacher_train.stream import HeldOut, WorldBatches, held_out
 from retrofit_agent.train.teacher_train.zeroshot_eval import LiveText, embed_images, top1_by_group, zero_shot_report
 from retrofit_agent.train.world import LabelSpace, load_label_space
 
