@@ -75,5 +75,9 @@ def test_soak(start_agent, clip, reference_bundle, tmp_path):
     )
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no message lost to the attached subscriber"
     assert end["rss_mb"] - start["rss_mb"] < 10, samples
-    assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"], samples
+    # Growth, not a one-off: a thread a library starts once after warm-up (seen once in CI:
+    # 12 -> 13, then flat for 45 s) is not a leak; a leak keeps climbing into the second half.
+    settled = samples[: len(samples) // 2 + 1]
+    assert end["fds"] <= max(s["fds"] for s in settled), samples
+    assert end["threads"] <= max(s["threads"] for s in settled), samples
     assert p99_last <= 1.2 * p99_first, (p99_first, p99_last)
