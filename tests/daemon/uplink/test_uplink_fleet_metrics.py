@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -46,6 +47,14 @@ def get(url: str) -> dict:
         return json.loads(r.read())
 
 
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 class Prom:
     def __init__(self, tmp: Path, name: str, args: list[str]) -> None:
         self.tmp, self.name, self.args = tmp, name, args
@@ -60,6 +69,9 @@ class Prom:
             stderr=subprocess.STDOUT,
         )
         wait_port(self.port, self.proc, timeout=30)
+        # The port opens before the TSDB (or the agent's WAL) has been replayed; until then every
+        # query answers 503. /-/ready is Prometheus's own word for "serving".
+        wait_until(lambda: _ready(self.port), 60, f"{self.name} ready", interval=0.5)
         return self
 
     def stop(self) -> None:
