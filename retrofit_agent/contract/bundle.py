@@ -56,6 +56,25 @@ class OutputSpec(_Strict):
     embedding_dim: int = Field(gt=0, description="Embedding dimension (the teacher's).")
 
 
+class DenseOutputSpec(_Strict):
+    """The optional second output: one embedding per cell of the backbone's last feature map.
+
+    The projection head is applied to every cell (a 1x1 convolution with the pooled head's
+    weights), so each cell lands in the same teacher space as the pooled embedding and can be
+    scored against the same bank. Cell (i, j) covers rows ``i/H'..(i+1)/H'`` and columns
+    ``j/W'..(j+1)/W'`` of the model's input image.
+    """
+
+    name: str = Field("cell_embeddings", description="ONNX output name, shape (N, H', W', D).")
+    grid: tuple[int, int] = Field(description="(H', W'): the feature map's rows and columns.")
+
+    @model_validator(mode="after")
+    def _positive_grid(self) -> DenseOutputSpec:
+        if min(self.grid) < 1:
+            raise ValueError(f"grid must be positive, got {list(self.grid)}")
+        return self
+
+
 class Quantization(_Strict):
     mode: Literal["none", "int8_static_qdq"] = Field(description="Weight/activation precision.")
     per_channel: bool = Field(False, description="Per-channel weight scales.")
@@ -69,6 +88,9 @@ class ModelSpec(_Strict):
     input: InputSpec
     output: OutputSpec
     quantization: Quantization
+    dense: DenseOutputSpec | None = Field(
+        None, description="Per-cell embeddings for regions; absent: the model gives the pooled embedding only."
+    )
 
 
 class Agreement(_Strict):
@@ -105,6 +127,7 @@ class LabelSpec(_Strict):
     threshold: float = Field(0.5, ge=0, le=1, description="Probability at which the tag turns on.")
     negative: bool = Field(False, description="Background label: competes in softmax, never a tag.")
     prompts: list[str] = Field(default_factory=list, description="Prompt ensemble it was built from.")
+    localize: bool = Field(False, description="Where it is, not only whether: regions from the per-cell embeddings.")
 
 
 class GroupSpec(_Strict):

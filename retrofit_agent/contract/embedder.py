@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from retrofit_agent.contract.bundle import InputSpec, ModelSpec, OutputSpec, Quantization
+from retrofit_agent.contract.bundle import DenseOutputSpec, InputSpec, ModelSpec, OutputSpec, Quantization
 from retrofit_agent.contract.errors import BundleError
 
 
@@ -53,6 +53,17 @@ class Embedder:
             raise BundleError(f"{where}: input {inp.name!r} is {inp.type}, manifest says float32")
         self._input_name = inp.name
         self._output_names = [out.name]
+        self._dense_names: list[str] | None = None
+        if spec.dense is not None:
+            dense = _find(session.get_outputs(), spec.dense.name, "dense output", where)
+            _check_shape(
+                dense.shape, [None, *spec.dense.grid, spec.output.embedding_dim], f"{where}: output {dense.name!r}"
+            )
+            self._dense_names = [out.name, dense.name]
+
+    @property
+    def has_cells(self) -> bool:
+        return self._dense_names is not None
 
     @classmethod
     def from_file(cls, path: Path, spec: ModelSpec, intra_op_threads: int = 0, spinning: bool = False) -> Embedder:
@@ -84,11 +95,27 @@ class Embedder:
         n = float(np.linalg.norm(e))
         return e / n if n > 0 else e
 
+    def embed_with_cells(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(1, ...) tensor → the unit embedding and, when the model has them, its (H', W', D) cells.
+
+        One pass computes both: the cells are the same backbone's last feature map through the
+        same head, so asking for them costs only the head per cell.
+        """
+        if self._dense_names is None:
+            return self.embed(tensor), None
+        out, cells = self.session.run(self._dense_names, {self._input_name: tensor})
+        e = np.asarray(out[0])
+        n = float(np.linalg.norm(e))
+        return (e / n if n > 0 else e), np.asarray(cells[0])
+
     def warmup(self, runs: int) -> None:
         shape = [1 if not isinstance(d, int) else d for d in _expected_input_shape(self.spec)]
         x = np.zeros(shape, dtype=np.float32)
         for _ in range(runs):
-            self.embed_batch(x)
+            if self._dense_names is not None:
+                self.embed_with_cells(x)
+            else:
+                self.embed_batch(x)
 
 
 def _expected_input_shape(spec: ModelSpec) -> list[int | None]:
@@ -120,10 +147,17 @@ def spec_from_metadata(session: ort.InferenceSession, path: Path) -> ModelSpec:
     if missing:
         raise BundleError(f"model {path}: ONNX metadata lacks {missing}; export it with retrofit-model export")
     mode = meta.get("retrofit.quantization", "none")  # written by retrofit-model quantize
+    dense = None
+    if "retrofit.dense" in meta:  # written by retrofit-model export --dense
+        try:
+            dense = DenseOutputSpec.model_validate_json(meta["retrofit.dense"])
+        except ValueError as e:
+            raise BundleError(f"model {path}: ONNX metadata 'retrofit.dense' is invalid: {e}") from None
     return ModelSpec(
         file=path.name,
         architecture=meta.get("retrofit.architecture", "unknown"),
         input=InputSpec.model_validate_json(meta["retrofit.input_spec"]),
         output=OutputSpec(name=session.get_outputs()[0].name, embedding_dim=int(meta["retrofit.embedding_dim"])),
         quantization=Quantization(mode="int8_static_qdq" if mode == "int8_static_qdq" else "none"),
+        dense=dense,
     )

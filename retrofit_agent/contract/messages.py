@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2  # 2: run_id and vehicle on every message, seq on status
+SCHEMA_VERSION = 3  # 2: run_id and vehicle on every message, seq on status; 3: regions on tags
 TOPIC_TAGS: Final = "tags"
 TOPIC_EVENTS: Final = "events"
 TOPIC_STATUS: Final = "status"
@@ -59,6 +59,18 @@ class TagOut(_Msg):
     score: float = Field(description="Probability within the group, after smoothing.")
 
 
+class RegionOut(_Msg):
+    """Where an active tag of a localized label is: cells of the model's feature map scored
+    against the bank, joined into a box."""
+
+    group: str
+    label: str
+    score: float = Field(ge=0, le=1, description="The best cell's probability within the group.")
+    box: tuple[float, float, float, float] = Field(
+        description="x0, y0, x1, y1 normalised to the original frame (0,0 top-left; 1,1 bottom-right)."
+    )
+
+
 class Latency(_Msg):
     """Per-stage latencies of this frame, in milliseconds."""
 
@@ -66,6 +78,7 @@ class Latency(_Msg):
     preprocess_ms: float
     inference_ms: float
     labelling_ms: float
+    regions_ms: float = Field(0.0, description="Cells scored and joined into regions; 0 without regions.")
     end_to_end_ms: float = Field(description="Frame capture → message ready to send.")
 
 
@@ -79,6 +92,10 @@ class TagsMessage(_Identified):
     model: str = Field(description="Model id, name@version.")
     tags: list[TagOut] = Field(description="Tags that are on.")
     top: list[TagOut] = Field(description="Each group's most probable label.")
+    regions: list[RegionOut] = Field(
+        default_factory=list,
+        description="Boxes for active tags of localized labels (schema 3); empty when the model has no cell output.",
+    )
     latency: Latency
     published_at: str | None = Field(
         None, description="UTC wall-clock time the message was sent, ISO 8601 (same clock as captured_at)."

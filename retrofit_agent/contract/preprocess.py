@@ -47,6 +47,25 @@ def to_bgr8(frame: np.ndarray | None) -> np.ndarray:
     raise BadFrameError(f"unsupported channel count {channels}")
 
 
+def placement(spec: InputSpec, fh: int, fw: int) -> tuple[int, int, int, int]:
+    """Where an ``fh`` x ``fw`` frame lands in the model's input: ``(rh, rw, oy, ox)``.
+
+    The frame is scaled to ``rh`` x ``rw`` and its top-left corner sits at ``(oy, ox)`` of the
+    input image (negative where a centre crop cuts it). The resize and the mapping of regions
+    back to frame coordinates (``contract.regions``) both read it, so they cannot disagree.
+    """
+    h, w = spec.height, spec.width
+    if spec.resize == "stretch" or (fh, fw) == (h, w):
+        return h, w, 0, 0
+    if spec.resize == "center_crop":
+        scale = max(h / fh, w / fw)
+        rh, rw = max(h, round(fh * scale)), max(w, round(fw * scale))
+        return rh, rw, -((rh - h) // 2), -((rw - w) // 2)
+    scale = min(h / fh, w / fw)
+    rh, rw = max(1, round(fh * scale)), max(1, round(fw * scale))
+    return rh, rw, (h - rh) // 2, (w - rw) // 2
+
+
 class Preprocessor:
     """Callable turning a BGR uint8 frame (or a batch of them) into the model's input."""
 
@@ -71,26 +90,19 @@ class Preprocessor:
         """Resize (and crop or pad) a uint8 frame to the model's input size."""
         h, w = self.spec.height, self.spec.width
         fh, fw = frame.shape[:2]
-        mode = self.spec.resize
-        if mode == "stretch" or (fh, fw) == (h, w):
+        if self.spec.resize == "stretch" or (fh, fw) == (h, w):
             return cv2.resize(frame, (w, h), interpolation=self._interp)
-        if mode == "center_crop":
-            scale = max(h / fh, w / fw)
-            rh, rw = max(h, round(fh * scale)), max(w, round(fw * scale))
-            resized = cv2.resize(frame, (rw, rh), interpolation=self._interp)
-            top, left = (rh - h) // 2, (rw - w) // 2
-            return resized[top : top + h, left : left + w]
-        # letterbox: fit inside, pad with the mean colour so padding normalises to ~0
-        scale = min(h / fh, w / fw)
-        rh, rw = max(1, round(fh * scale)), max(1, round(fw * scale))
+        rh, rw, oy, ox = placement(self.spec, fh, fw)
         resized = cv2.resize(frame, (rw, rh), interpolation=self._interp)
+        if self.spec.resize == "center_crop":
+            return resized[-oy : -oy + h, -ox : -ox + w]
+        # letterbox: fit inside, pad with the mean colour so padding normalises to ~0
         pad = [int(round(m * 255)) for m in self.spec.mean]
         if self.spec.color == "RGB":
             pad = pad[::-1]  # frame is still BGR here
         out = np.empty((h, w, 3), dtype=np.uint8)
         out[:] = pad
-        top, left = (h - rh) // 2, (w - rw) // 2
-        out[top : top + rh, left : left + rw] = resized
+        out[oy : oy + rh, ox : ox + rw] = resized
         return out
 
     def normalize(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -32,6 +32,13 @@ class PromptLabel(_Strict):
     phrases: list[str] = Field(min_length=1, description="Ways to say it; each fills every template.")
     threshold: float | None = Field(None, ge=0, le=1, description="Overrides the group's threshold.")
     negative: bool = Field(False, description="Background label: competes in softmax, never a tag.")
+    localize: bool = Field(False, description="Give this label regions (boxes) when the model has per-cell output.")
+
+    @model_validator(mode="after")
+    def _localize_a_tag(self) -> PromptLabel:
+        if self.localize and self.negative:
+            raise ValueError(f"label {self.name!r}: a negative label is never a tag, so it cannot be localized")
+        return self
 
 
 class PromptGroup(_Strict):
@@ -74,6 +81,7 @@ class PromptSet(_Strict):
                         threshold=g.threshold if l.threshold is None else l.threshold,
                         negative=l.negative,
                         prompts=self.prompts(g, l),
+                        localize=l.localize,
                     )
                     for l in g.labels
                 ],
