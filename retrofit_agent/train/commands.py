@@ -396,8 +396,10 @@ def add_bundle(sub) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    if not a.imagefolder and not a.multilabel:
-        raise ConfigError("nothing to evaluate: give --imagefolder (zero-shot accuracy) and/or --multilabel (AUROC)")
+    if not a.imagefolder and not a.multilabel and not a.regions:
+        raise ConfigError(
+            "nothing to evaluate: give --imagefolder (zero-shot accuracy), --multilabel (AUROC) and/or --regions"
+        )
     import torch
 
     from retrofit_agent.contract.bundle import load_bundle
@@ -445,7 +447,73 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         (a.out / "multi_label.txt").write_text(table + "\n")
         ev.auroc_chart(rows, a.out / "auroc.png")
         print(table)
+    if a.regions:
+        _evaluate_regions(a, bundle, teacher, tpre)
     return 0
+
+
+def _evaluate_regions(a: argparse.Namespace, bundle, teacher, tpre) -> None:
+    """``--regions``: pointing game, box recall and false regions against the world's boxes."""
+    import torch
+
+    from retrofit_agent.contract.embedder import Embedder
+    from retrofit_agent.contract.preprocess import Preprocessor
+    from retrofit_agent.contract.regions import RegionFinder
+    from retrofit_agent.train import regions_eval as rv
+
+    m = bundle.manifest
+    keys = [f"{g.name}.{lab.name}" for g in m.bank.groups for lab in g.labels if lab.localize]
+    if not keys:
+        raise ConfigError(f"--regions: {a.bundle} marks no label 'localize = true' (see the prompts file)")
+    if not hasattr(teacher, "encode_dense"):
+        raise ConfigError(f"--regions: teacher {teacher.identity} gives no per-patch embeddings")
+
+    def onnx_model(name: str, path: Path) -> rv.CellModel:
+        embedder = Embedder.from_onnx(path)
+        if not embedder.has_cells:
+            raise ConfigError(f"--regions: {path} has no cell_embeddings output (export it with --dense)")
+        pre = Preprocessor(embedder.spec.input)
+
+        def cells(frames: list[np.ndarray]) -> np.ndarray:
+            return np.stack([embedder.embed_with_cells(pre(f))[1] for f in frames])
+
+        return rv.CellModel(name, embedder.spec.input, cells)
+
+    def teacher_cells(frames: list[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(tpre.batch(frames)).to(teacher.device)
+            return teacher.encode_dense(x).float().cpu().numpy()
+
+    try:
+        records, frames = rv.read_world(a.regions, a.regions_limit)
+    except ValueError as e:
+        raise ConfigError(f"--regions: {e}") from None
+    models = [rv.CellModel("teacher", tpre.spec, teacher_cells)]
+    if a.fp32:
+        models.append(onnx_model("student_fp32", a.fp32))
+    models.append(onnx_model("student_int8", bundle.model_path))
+
+    def finder_for(spec):
+        return RegionFinder(bundle.bank, m.bank, spec, threshold=a.regions_threshold, max_labels=len(keys), labels=keys)
+
+    results, found = {}, {}
+    for model in models:
+        results[model.name], found[model.name] = rv.score_model(model, records, frames, keys, finder_for)
+    table = rv.regions_table(results)
+    (a.out / "regions.txt").write_text(table + "\n")
+    (a.out / "regions.json").write_text(
+        json.dumps(
+            {
+                "pictures": len(records),
+                "threshold": a.regions_threshold,
+                "iou_hit": rv.IOU_HIT,
+                "models": {n: {k: s.as_dict() for k, s in r.items()} for n, r in results.items()},
+            },
+            indent=2,
+        )
+    )
+    rv.draw_regions(frames, records, found, keys, a.out / "regions.png")
+    print(table)
 
 
 def _teacher_preprocess(teacher):
@@ -475,6 +543,13 @@ def add_evaluate(sub) -> None:
     p.add_argument("--multilabel", type=existing_file, help="JSON-lines index (e.g. from cityscapes-index)")
     p.add_argument("--classes", nargs="*", help="classes to score (default: all in the index)")
     p.add_argument("--template", default="a photo of a {}.", help="text prompt per class (default: %(default)r)")
+    p.add_argument(
+        "--regions",
+        type=existing_dir,
+        help="a 'retrofit-model world images' folder: score regions of localized labels against its boxes",
+    )
+    p.add_argument("--regions-threshold", type=float, default=0.5, help="cell probability for a region (default 0.5)")
+    p.add_argument("--regions-limit", type=int, help="score only the first N pictures")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON, table and chart")
     p.set_defaults(func=cmd_evaluate)
 
