@@ -1,4 +1,4 @@
-"""The frame loop: newest frame → preprocess → embed → label → outputs, with metrics.
+"""The frame loop: newest frame → preprocess → embed → label → regions → outputs, with metrics.
 
 :class:`Agent` receives every component ready-made from the composition root
 (:mod:`retrofit_agent.daemon.app`): it parses no configuration, owns no sockets, builds no
@@ -18,6 +18,7 @@ import structlog
 
 from retrofit_agent.contract.messages import Health, Latency
 from retrofit_agent.contract.preprocess import BadFrameError
+from retrofit_agent.contract.regions import Region
 from retrofit_agent.daemon.budget_cpu import Pacer
 from retrofit_agent.daemon.capture import Frame, FrameGrabber
 from retrofit_agent.daemon.collect.collector import Collector, FrameRecord
@@ -30,8 +31,6 @@ from retrofit_agent.daemon.reload import Reloaded, Reloader
 from retrofit_agent.daemon.variants import record
 
 log = structlog.get_logger("retrofit_agent.daemon.agent")
-
-STAGES = ("capture_wait", "preprocess", "inference", "labelling", "publish")
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ class Agent:
         )
         t1 = self._clock()
         try:
-            embedding = p.embedder.embed(tensor)
+            embedding, cells = p.infer(tensor)
         except Exception as e:  # loop boundary: one bad inference must not end the daemon
             self.metrics.frames_failed.labels(reason="inference_error").inc()
             self._log.error("inference_failed", frame_id=frame.frame_id, error=str(e), error_type=type(e).__name__)
@@ -190,18 +189,31 @@ class Agent:
         t2 = self._clock()
         result = p.labeler(embedding)
         t3 = self._clock()
+        # On the loop thread, after labelling: only the active tags need boxes, at most K of them.
+        regions = p.find_regions(cells, result, (frame.image.shape[0], frame.image.shape[1]))
+        t4 = self._clock()
         latency = Latency(
             capture_wait_ms=round(waited * 1e3, 3),
             preprocess_ms=round(prep_seconds * 1e3, 3),
             inference_ms=round((t2 - t1) * 1e3, 3),
             labelling_ms=round((t3 - t2) * 1e3, 3),
-            end_to_end_ms=round(max(0.0, t3 - frame.captured_mono) * 1e3, 3),
+            regions_ms=round((t4 - t3) * 1e3, 3) if p.regions is not None else 0.0,
+            end_to_end_ms=round(max(0.0, t4 - frame.captured_mono) * 1e3, 3),
         )
-        seq = self._publish(frame, result, latency)
+        seq = self._publish(frame, result, regions, latency)
         if self.collector is not None:
-            self.collector.observe(self._record(frame, result, seq))
-        t4 = self._clock()
-        self._observe(frame, (waited, prep_seconds, t2 - t1, t3 - t2, t4 - t3), max(0.0, t4 - frame.captured_mono))
+            self.collector.observe(self._record(frame, result, regions, seq))
+        t5 = self._clock()
+        stages = {
+            "capture_wait": waited,
+            "preprocess": prep_seconds,
+            "inference": t2 - t1,
+            "labelling": t3 - t2,
+            "publish": t5 - t4,
+        }
+        if p.regions is not None:  # a model without regions leaves the stage empty rather than at 0
+            stages["regions"] = t4 - t3
+        self._observe(frame, stages, max(0.0, t5 - frame.captured_mono))
         if self.grabber.healthy():
             self.notifier.watchdog()
 
@@ -260,8 +272,10 @@ class Agent:
 
     # ------------------------------------------------------------------ outputs
 
-    def _publish(self, frame: Frame, result: LabelResult, latency: Latency) -> int:
-        seq = self.outputs.tags(frame.frame_id, frame.captured_wall, self.pipeline.model_id, result, latency)
+    def _publish(self, frame: Frame, result: LabelResult, regions: list[Region], latency: Latency) -> int:
+        seq = self.outputs.tags(
+            frame.frame_id, frame.captured_wall, self.pipeline.model_id, result, latency, regions=regions
+        )
         self._last_frame = frame
         self._current_tags = result.tags
         for change in result.changes:
@@ -272,7 +286,7 @@ class Agent:
         self.outputs.event(frame.frame_id, frame.captured_wall, self.pipeline.model_id, tag, on)
         self._log.info("tag_changed", tag=tag.key, on=on, score=tag.score, frame_id=frame.frame_id)
 
-    def _record(self, frame: Frame, result: LabelResult, seq: int) -> FrameRecord:
+    def _record(self, frame: Frame, result: LabelResult, regions: list[Region], seq: int) -> FrameRecord:
         return FrameRecord(
             image=frame.image,
             frame_id=frame.frame_id,
@@ -281,11 +295,12 @@ class Agent:
             captured_mono=frame.captured_mono,
             tags={t.key: t.score for t in result.tags},
             top={t.group: (t.label, t.score) for t in result.tops},
+            regions=tuple(regions),
         )
 
-    def _observe(self, frame: Frame, stages: tuple[float, ...], end_to_end: float) -> None:
+    def _observe(self, frame: Frame, stages: dict[str, float], end_to_end: float) -> None:
         m = self.metrics
-        for name, seconds in zip(STAGES, stages):
+        for name, seconds in stages.items():
             m.stage_seconds.labels(stage=name).observe(max(0.0, seconds))
         m.end_to_end_seconds.observe(end_to_end)
         m.frames_processed.inc()

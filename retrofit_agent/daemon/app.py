@@ -25,7 +25,7 @@ from retrofit_agent.daemon.agent import Agent, AgentIO, LoopSettings
 from retrofit_agent.daemon.budget import check_memory_budget
 from retrofit_agent.daemon.budget_cpu import build_pacer
 from retrofit_agent.daemon.capture import FrameGrabber
-from retrofit_agent.daemon.collect.collector import Collector, check_campaign_tags
+from retrofit_agent.daemon.collect.collector import Collector, check_campaign_regions, check_campaign_tags
 from retrofit_agent.daemon.config import AgentConfig
 from retrofit_agent.daemon.curve import is_loopback_endpoint, is_loopback_host
 from retrofit_agent.daemon.lifecycle import StopSignal, SystemdNotifier
@@ -135,6 +135,8 @@ def _preflight(cfg: AgentConfig) -> None:
 def _check_campaigns(cfg: AgentConfig, pipeline: ModelPipeline) -> None:
     if cfg.collect.campaigns:
         check_campaign_tags(cfg.collect, set(pipeline.bundle.bank.keys))
+        localized = pipeline.regions.localized if pipeline.regions is not None else ()
+        check_campaign_regions(cfg.collect, localized, pipeline.regions_unavailable)
 
 
 def _start_collector(

@@ -24,6 +24,9 @@ ENV_PREFIX = "RETROFIT_"
 ENV_CONFIG_FILE = "RETROFIT_CONFIG"
 
 
+_TAG_KEY = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,6 +135,32 @@ class LabelsConfig(_Section):
         return v
 
 
+class RegionsConfig(_Section):
+    """Where active tags are: boxes from the model's per-cell embeddings (bundles with a dense output)."""
+
+    enabled: bool = Field(True, description="Publish regions when the bundle's model has per-cell output.")
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="A cell belongs to a label's region at this probability within its group."
+    )
+    max_labels: int = Field(
+        4, ge=1, le=64, description="Regions for at most this many active tags per frame (the best-scoring first)."
+    )
+    max_boxes: int = Field(8, ge=1, le=64, description="At most this many boxes per label, the best-scoring first.")
+    labels: list[str] | None = Field(
+        None,
+        description="'group.label' tags that get regions, overriding the bundle's 'localize' marks; unset: the "
+        "bundle's marks.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, v: list[str] | None) -> list[str] | None:
+        for key in v or []:
+            if not re.match(_TAG_KEY, key):
+                raise ValueError(f"label {key!r} must be 'group.label'")
+        return v
+
+
 class CurveConfig(_Section):
     server_secret_key: Path = Field(
         description="The daemon's CURVE certificate with its secret key (name.key_secret from 'retrofit-agent keys curve')."
@@ -232,12 +261,32 @@ class MetricsConfig(_Section):
         return int(self.address.rpartition(":")[2])
 
 
-_TAG_KEY = r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$"
 _CAMPAIGN_NAME = r"^[A-Za-z0-9_\-]+$"
 
 
+class RegionRule(_Section):
+    """A box the frame must hold: one of the label's regions whose centre and size fit."""
+
+    label: str = Field(pattern=_TAG_KEY, description="'group.label' of a localized label.")
+    centre_x: tuple[float, float] = Field(
+        (0.0, 1.0), description="[low, high] of the box centre's x, as a fraction of the frame's width (0: left)."
+    )
+    centre_y: tuple[float, float] = Field(
+        (0.0, 1.0), description="[low, high] of the box centre's y, as a fraction of the frame's height (0: top)."
+    )
+    min_area: float = Field(0.0, ge=0, le=1, description="Smallest box area, as a fraction of the frame's area.")
+
+    @field_validator("centre_x", "centre_y")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError("must be [low, high] with 0 <= low <= high <= 1")
+        return v
+
+
 class CampaignRule(_Section):
-    """When a frame is worth keeping: a condition over the tags that are on."""
+    """When a frame is worth keeping: a condition over the tags that are on, and where one of them is."""
 
     any_of: list[str] = Field(
         default_factory=list, description="At least one of these 'group.label' tags is on (empty: no constraint)."
@@ -250,6 +299,9 @@ class CampaignRule(_Section):
     min_duration_s: float = Field(
         0.0, ge=0, description="The condition must hold this long, continuously, before a capture."
     )
+    region: RegionRule | None = Field(
+        None, description="A box of this label must satisfy the rule (needs a bundle with regions)."
+    )
 
     @field_validator("any_of", "all_of", "none_of")
     @classmethod
@@ -261,13 +313,14 @@ class CampaignRule(_Section):
 
     @model_validator(mode="after")
     def _not_empty(self) -> CampaignRule:
-        if not self.any_of and not self.all_of:
-            raise ValueError("a rule needs any_of or all_of (none_of alone would match almost every frame)")
+        if not self.any_of and not self.all_of and self.region is None:
+            raise ValueError("a rule needs any_of, all_of or region (none_of alone would match almost every frame)")
         return self
 
     @property
     def keys(self) -> set[str]:
-        return {*self.any_of, *self.all_of, *self.none_of}
+        region = {self.region.label} if self.region is not None else set()
+        return {*self.any_of, *self.all_of, *self.none_of, *region}
 
 
 class CampaignConfig(_Section):
@@ -374,6 +427,7 @@ class AgentConfig(_Section):
     camera: CameraConfig = Field(default_factory=CameraConfig, description="Frame source.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model bundle and runtime.")
     labels: LabelsConfig = Field(default_factory=LabelsConfig, description="Zero-shot tagging.")
+    regions: RegionsConfig = Field(default_factory=RegionsConfig, description="Boxes for active tags.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="ZeroMQ publishing.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")

@@ -41,7 +41,8 @@ STAGE_BUCKETS = (
     1.0,
     2.5,
 )
-STAGES = ("capture_wait", "preprocess", "inference", "labelling", "publish")
+# 'regions' is observed only while the model's cells are turned into boxes (issue 15).
+STAGES = ("capture_wait", "preprocess", "inference", "labelling", "regions", "publish")
 
 
 THERMAL_STATES = ("ok", "throttled", "critical", "unknown")

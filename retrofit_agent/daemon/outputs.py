@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import uuid
+from collections.abc import Sequence
 
 from retrofit_agent.contract.messages import (
     TOPIC_CAPTURES,
@@ -20,12 +21,14 @@ from retrofit_agent.contract.messages import (
     EventMessage,
     Health,
     Latency,
+    RegionOut,
     StatusMessage,
     TagOut,
     TagsMessage,
     host_vehicle_id,
     utc_iso,
 )
+from retrofit_agent.contract.regions import Region
 from retrofit_agent.daemon.collect.collector import SavedCapture
 from retrofit_agent.daemon.labelling import LabelResult, Tag
 from retrofit_agent.daemon.publish import Publisher
@@ -49,8 +52,16 @@ class Outputs:
         self.captures_seq = 0
         self.status_seq = 0
 
-    def tags(self, frame_id: int, captured_wall: float, model: str, result: LabelResult, latency: Latency) -> int:
-        """Publish a frame's tags; returns the message's seq."""
+    def tags(
+        self,
+        frame_id: int,
+        captured_wall: float,
+        model: str,
+        result: LabelResult,
+        latency: Latency,
+        regions: Sequence[Region] = (),
+    ) -> int:
+        """Publish a frame's tags (and the regions of its localized ones); returns the message's seq."""
         seq = self.tags_seq
         self.publisher.send(
             TOPIC_TAGS,
@@ -64,6 +75,7 @@ class Outputs:
                 model=model,
                 tags=tags_out(result.tags),
                 top=tags_out(result.tops),
+                regions=[RegionOut(group=r.group, label=r.label, score=r.score, box=r.box) for r in regions],
                 latency=latency,
                 published_at=utc_iso(),
             ),

@@ -1,12 +1,13 @@
 """Hot reload on SIGHUP: the one place that decides what a reload applies.
 
 The config is read again (file, environment, flags); the bundle (``model.*``), the
-labelling (``labels.*``) and the campaigns (``collect.campaigns``) are applied without a
-restart. The new bundle is verified completely (hashes, contract, warm-up) on a background
+labelling (``labels.*``), the regions (``regions.*``) and the campaigns
+(``collect.campaigns``) are applied without a restart. The new bundle is verified completely (hashes, contract, warm-up) on a background
 thread; only a fully built pipeline is handed to the frame loop, so a bad bundle is refused
 and the old one keeps running. Everything else needs a restart: a reload that changes it
 says so in the log and leaves it as it is. A reload whose bundle and labelling are the
-same as the running ones keeps the running pipeline, so its tags do not go off and on.
+same as the running ones keeps the running pipeline, so its tags do not go off and on (it
+takes the new region finder, which holds no state).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def merge(current: AgentConfig, new: AgentConfig, collecting: bool) -> tuple[Age
         update={
             "model": new.model,
             "labels": new.labels,
+            "regions": new.regions,
             "collect": current.collect.model_copy(update={"campaigns": campaigns}),
         }
     )
@@ -113,5 +115,5 @@ class Reloader:
             return
         changed = pipeline.bundle.manifest != running.bundle.manifest or merged.labels != current.labels
         with self._lock:
-            self._ready = Reloaded(merged, pipeline if changed else running, changed)
+            self._ready = Reloaded(merged, pipeline if changed else running.with_regions_of(pipeline), changed)
         self._on_result("ok")

@@ -225,7 +225,7 @@ def test_real_prometheus_records_latency_quantiles_from_the_daemon(prometheus: s
         s["metric"]["stage"]: float(s["value"][1])
         for s in wait_for(prometheus, "instance_stage:retrofit_stage_duration_seconds:p50_5m")
     }
-    assert set(stages) == {"capture_wait", "preprocess", "inference", "labelling", "publish"}
+    assert set(stages) == {"capture_wait", "preprocess", "inference", "labelling", "regions", "publish"}
     # The int8 model takes milliseconds, far more than labelling a 33-label bank.
     assert 0.001 < stages["inference"] < 2.5 and stages["labelling"] < stages["inference"]
     (fps,) = wait_for(prometheus, "instance:retrofit_frames_processed:rate1m")

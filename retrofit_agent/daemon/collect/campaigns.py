@@ -1,12 +1,13 @@
-"""Campaign rules over tags: condition, minimum duration, rate limits. Pure logic, no I/O."""
+"""Campaign rules over tags and regions: condition, minimum duration, rate limits. Pure logic, no I/O."""
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from retrofit_agent.daemon.config import CampaignConfig, CampaignRule
+from retrofit_agent.contract.regions import Region
+from retrofit_agent.daemon.config import CampaignConfig, CampaignRule, RegionRule
 
 HOUR_S = 3600.0
 
@@ -18,14 +19,26 @@ class Decision(enum.Enum):
     RATE_LIMITED = "rate_limited"  # it holds long enough, but a rate limit says not now
 
 
-def rule_matches(rule: CampaignRule, tags: Mapping[str, float]) -> bool:
-    """``tags`` maps each tag that is on ('group.label') to its score."""
+def region_matches(rule: RegionRule, regions: Sequence[Region]) -> bool:
+    """Whether one of the label's boxes has its centre in the ranges and at least the area."""
+    (x0, x1), (y0, y1) = rule.centre_x, rule.centre_y
+    for r in regions:
+        x, y = r.centre
+        if r.key == rule.label and x0 <= x <= x1 and y0 <= y <= y1 and r.area >= rule.min_area:
+            return True
+    return False
+
+
+def rule_matches(rule: CampaignRule, tags: Mapping[str, float], regions: Sequence[Region] = ()) -> bool:
+    """``tags`` maps each tag that is on ('group.label') to its score; ``regions`` are the frame's boxes."""
     strong = {k for k, score in tags.items() if score >= rule.min_score}
     if rule.any_of and not strong.intersection(rule.any_of):
         return False
     if any(k not in strong for k in rule.all_of):
         return False
-    return not any(k in tags for k in rule.none_of)
+    if any(k in tags for k in rule.none_of):
+        return False
+    return rule.region is None or region_matches(rule.region, regions)
 
 
 class CampaignState:
@@ -36,8 +49,8 @@ class CampaignState:
         self._holding_since: float | None = None
         self._triggers: deque[float] = deque()
 
-    def update(self, tags: Mapping[str, float], now: float) -> Decision:
-        if not rule_matches(self.cfg.rule, tags):
+    def update(self, tags: Mapping[str, float], now: float, regions: Sequence[Region] = ()) -> Decision:
+        if not rule_matches(self.cfg.rule, tags, regions):
             self._holding_since = None
             return Decision.IDLE
         if self._holding_since is None:

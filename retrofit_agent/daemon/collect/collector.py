@@ -24,6 +24,7 @@ import structlog
 
 from retrofit_agent.contract.errors import ConfigError
 from retrofit_agent.contract.messages import utc_iso
+from retrofit_agent.contract.regions import Region
 from retrofit_agent.daemon.collect.campaigns import CampaignState, Decision
 from retrofit_agent.daemon.collect.store import CaptureStore, DiskFullError, StoredItem
 from retrofit_agent.daemon.config import CampaignConfig, CollectConfig
@@ -71,6 +72,7 @@ class FrameRecord:
     captured_mono: float
     tags: dict[str, float]  # tags that are on → score
     top: dict[str, tuple[str, float]]  # group → (best label, score)
+    regions: tuple[Region, ...] = ()  # boxes of the active tags of localized labels
     encoded: dict[Encoding, Encoded] = field(default_factory=dict)
 
     @property
@@ -118,6 +120,27 @@ def check_campaign_tags(cfg: CollectConfig, known: set[str]) -> None:
             raise ConfigError(
                 f"config error: collect.campaigns ({c.name}): unknown tag {unknown[0]!r}; "
                 "tags are 'group.label' from the bundle's manifest"
+            )
+
+
+def check_campaign_regions(cfg: CollectConfig, localized: tuple[str, ...], unavailable: str | None) -> None:
+    """A region rule on a label that gets no regions would never fire: refused like an unknown tag.
+
+    ``localized`` are the labels that get regions; ``unavailable`` says why none do (or None).
+    """
+    for c in cfg.campaigns:
+        region = c.rule.region
+        if region is None:
+            continue
+        if unavailable is not None:
+            raise ConfigError(
+                f"config error: collect.campaigns ({c.name}): rule.region needs regions, but {unavailable}"
+            )
+        if region.label not in localized:
+            raise ConfigError(
+                f"config error: collect.campaigns ({c.name}): rule.region.label {region.label!r} gets no regions; "
+                f"localized labels: {', '.join(localized)} (mark it localize in the prompts file or list it in "
+                "regions.labels)"
             )
 
 
@@ -201,7 +224,7 @@ class Collector:
     def observe(self, record: FrameRecord) -> None:
         for name, run in self._runs.items():
             self._continue_pending(run, record)
-            decision = run.state.update(record.tags, record.captured_mono)
+            decision = run.state.update(record.tags, record.captured_mono, record.regions)
             if decision is Decision.TRIGGER:
                 self._trigger(run, record)
             elif decision is Decision.RATE_LIMITED:
@@ -333,6 +356,7 @@ class Collector:
             "frame_id": r.frame_id,
             "tags": [{"tag": k, "score": v} for k, v in sorted(r.tags.items())],
             "top": {g: {"label": l, "score": s} for g, (l, s) in r.top.items()},
+            "regions": [{"tag": x.key, "score": x.score, "box": list(x.box)} for x in r.regions],
         }
         item, evicted = self.store.save(c.name, f"{when:%Y-%m-%d}", capture_id, jpeg, sidecar)
         if self.disk_full:
