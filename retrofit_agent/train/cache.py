@@ -4,8 +4,10 @@ With ``augment.teacher_view = "same"`` the teacher must see the student's view, 
 cache of clean-image embeddings cannot give. So the cache pre-samples ``cache.views``
 views per image (FKD-style): it stores each view's parameters (colour and geometry,
 :class:`~retrofit_agent.train.augment.ViewParams`) with the teacher's outputs on it —
-the embedding (float16) and, with ``cache.spatial``, the patch tokens and Q/K/V of the
-configured blocks (float16). A training step replays one stored view: it re-applies the
+the embedding (float16), with ``cache.spatial`` the patch tokens and Q/K/V of the
+configured blocks (float16), and with ``loss.dense`` the per-patch embeddings
+(:meth:`~retrofit_agent.train.teacher.Teacher.encode_dense`, float16, at the teacher's
+grid: the student's grid is resampled to at training time). A training step replays one stored view: it re-applies the
 stored parameters to the student's input, so both still see one view. With
 ``teacher_view = "clean"`` one clean view is stored.
 
@@ -46,9 +48,10 @@ from retrofit_agent.train.distributed import DistEnv, barrier
 from retrofit_agent.train.teacher import LayerFeatures, Teacher, TeacherFeatures
 
 log = structlog.get_logger("retrofit_agent.train")
-FORMAT = 2
+# 3: the key says whether per-patch embeddings are stored ("dense"); a format-2 cache is refused or rebuilt.
+FORMAT = 3
 KEY_FILE, COMPLETE_FILE = "key.json", "complete.json"
-_ARRAYS = ("emb", "params", "valid", "tokens", "q", "k", "v")
+_ARRAYS = ("emb", "params", "valid", "tokens", "q", "k", "v", "dense")
 # Augmentation settings that shape what the teacher sees (masking is the student's alone).
 _SHARED_AUGMENT = (
     "enabled",
@@ -74,6 +77,7 @@ class CacheSpec:
     layers: tuple[int, ...] | None = None  # blocks whose tokens are stored (None: embeddings only)
     qkv: bool = False  # store Q/K/V of those blocks too (PCA)
     shard_size: int = 4096
+    dense: bool = False  # store the per-patch embeddings (the dense loss)
 
     def view_key(self) -> dict[str, Any]:
         if self.teacher_view == "clean":
@@ -100,6 +104,7 @@ def cache_key(teacher: Teacher, refs: Sequence[ImageRef], spec: CacheSpec) -> di
         "spatial": None
         if spec.layers is None
         else {"layers": list(spec.layers), "qkv": spec.qkv, "grid": list(teacher.grid_size)},
+        "dense": {"grid": list(teacher.dense_grid), "dim": teacher.embed_dim} if spec.dense else None,
         "shard_size": spec.shard_size,
         "images": len(refs),
         "images_sha256": h.hexdigest(),
@@ -230,7 +235,8 @@ def build_cache(
 def array_names(key: dict[str, Any]) -> list[str]:
     """The arrays each shard of a cache with this key holds."""
     spatial = key["spatial"]
-    return ["emb", "params", "valid"] + (["tokens"] + (["q", "k", "v"] if spatial["qkv"] else []) if spatial else [])
+    names = ["emb", "params", "valid"] + (["tokens"] + (["q", "k", "v"] if spatial["qkv"] else []) if spatial else [])
+    return names + (["dense"] if key.get("dense") else [])
 
 
 def _shard_done(root: Path, i: int, key_hash: str, names: Sequence[str]) -> bool:
@@ -272,7 +278,10 @@ def _build_shard(root: Path, i: int, ds: DistillDataset, indices: range, job: _B
         view_rows = torch.from_numpy(packed[rows].reshape(-1, PARAMS))
         x = aug.apply(x, ViewParams.unpack(view_rows), norm)
         with job.autocast():
-            out = t.forward_features(x, spec.layers, qkv=spec.qkv) if spec.layers is not None else t.encode_image(x)
+            if spec.layers is not None or spec.dense:
+                out = t.forward_features(x, spec.layers or (), qkv=spec.qkv, dense=spec.dense)
+            else:
+                out = t.encode_image(x)
         emb = out.embedding if isinstance(out, TeacherFeatures) else out
         arrays["emb"][rows] = emb.float().cpu().numpy().reshape(len(rows), kv, -1).astype(np.float16)
         if isinstance(out, TeacherFeatures):
@@ -281,6 +290,9 @@ def _build_shard(root: Path, i: int, ds: DistillDataset, indices: range, job: _B
                     per_layer = [out.patch(getattr(lf, name)).float().cpu().numpy() for lf in out.layers]
                     stacked = np.stack(per_layer, axis=1)  # (b*kv, layers, ...)
                     arrays[name][rows] = stacked.reshape(len(rows), kv, *stacked.shape[1:]).astype(np.float16)
+            if out.dense is not None and "dense" in arrays:
+                d = out.dense.float().cpu().numpy()  # (b*kv, gh, gw, D), image-major like the views
+                arrays["dense"][rows] = d.reshape(len(rows), kv, *d.shape[1:]).astype(np.float16)
         valid[rows] = True
     arrays["valid"][:] = valid
     for arr in arrays.values():
@@ -311,6 +323,8 @@ def _open_arrays(root: Path, i: int, n: int, job: _Build) -> dict[str, np.memmap
             heads = t.num_heads
             for name in ("q", "k", "v"):
                 shapes[name] = ((n, kv, len(spec.layers), heads, tokens, t.width // heads), np.float16)
+    if spec.dense:
+        shapes["dense"] = ((n, kv, *t.dense_grid, t.embed_dim), np.float16)
     out = {}
     for name, (shape, dtype) in shapes.items():
         out[name] = np.lib.format.open_memmap(
@@ -362,14 +376,20 @@ class TeacherCache:
         views = ViewParams.unpack(torch.from_numpy(rows("params")))
         emb = torch.nn.functional.normalize(torch.from_numpy(rows("emb").astype(np.float32)), dim=-1).to(device)
         first = self.arrays[0] if self.arrays else {}
-        if "tokens" not in first:
+        if "tokens" not in first and "dense" not in first:
             return CachedTargets(views, emb, ok)
         data = {
             name: torch.from_numpy(rows(name).astype(np.float32)).to(device)  # (B, layers, ...)
             for name in ("tokens", "q", "k", "v")
             if name in first
         }
-        layers = tuple(
-            LayerFeatures(**{name: d[:, j] for name, d in data.items()}) for j in range(data["tokens"].shape[1])
+        layers = (
+            tuple(LayerFeatures(**{name: d[:, j] for name, d in data.items()}) for j in range(data["tokens"].shape[1]))
+            if data
+            else ()
         )
-        return CachedTargets(views, TeacherFeatures(embedding=emb, layers=layers, grid=self.grid), ok)
+        dense = None
+        if "dense" in first:  # stored as float16: unit again after the round trip
+            dense = torch.nn.functional.normalize(torch.from_numpy(rows("dense").astype(np.float32)), dim=-1)
+            dense = dense.to(device)
+        return CachedTargets(views, TeacherFeatures(embedding=emb, layers=layers, grid=self.grid, dense=dense), ok)

@@ -157,6 +157,13 @@ class LossConfig(_Strict):
     adversarial: float = Field(
         0.0, ge=0, description="Final weight of the student's adversarial loss against the discriminator."
     )
+    dense: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the dense term: the student's per-cell embeddings (its head on every cell of the last "
+        "feature map) against the teacher's per-patch embeddings resampled to the student's grid, mean 1 − cosine "
+        "over cells (logged as 'dense'). What makes the exported cell_embeddings mean something (regions).",
+    )
 
     @property
     def needs_teacher_tokens(self) -> bool:
@@ -297,6 +304,13 @@ class DistillConfig(_Strict):
             raise ValueError(
                 "cache.enabled stores final embeddings only unless cache.spatial = true; set cache.spatial, or set "
                 "loss.pca_attention, loss.pca_value and loss.gl to 0, or disable the cache"
+            )
+        a = self.augment
+        if self.loss.dense > 0 and a.teacher_view == "clean" and a.enabled and (a.p_crop > 0 or a.p_rotate > 0):
+            raise ValueError(
+                "loss.dense compares positions, and with augment.teacher_view = 'clean' the student's crops and "
+                "rotations move them away from the teacher's; set augment.teacher_view = 'same' (or p_crop and p_rotate "
+                "to 0)"
             )
         if self.cache.enabled and self.cache.views > 1 and self.augment.teacher_view == "clean":
             raise ValueError("cache.views > 1 needs augment.teacher_view = 'same' (a clean teacher view is one view)")

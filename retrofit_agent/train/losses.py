@@ -72,10 +72,38 @@ def gl_loss(projected: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return mse(projected, F.layer_norm(target, target.shape[-1:]))
 
 
+def resample_cells(cells: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w, D) unit embeddings → (B, H', W', D) unit embeddings on another grid of the same image.
+
+    Both grids tile the whole view, cell (i, j) covering rows i/h..(i+1)/h, so a finer grid is
+    averaged over each coarser cell (adaptive average pooling) and a coarser one is
+    interpolated bilinearly (at cell centres, ``align_corners=False``); the result is
+    normalised again, since a mean of unit vectors is shorter than one.
+    """
+    h, w = cells.shape[1:3]
+    if (h, w) == tuple(grid):
+        return cells
+    x = cells.permute(0, 3, 1, 2)
+    if h >= grid[0] and w >= grid[1]:
+        x = F.adaptive_avg_pool2d(x, grid)
+    else:
+        x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+    return F.normalize(x.permute(0, 2, 3, 1), dim=-1)
+
+
+def dense_cosine(cells: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and cells of 1 − cosine between the student's (B, H', W', D) cells and the teacher's
+    (B, gh, gw, D) patch embeddings resampled to (H', W') (:func:`resample_cells`)."""
+    with fp32(cells.device):
+        t = resample_cells(target.float(), (int(cells.shape[1]), int(cells.shape[2])))
+        return (1 - F.cosine_similarity(cells.float(), t, dim=-1)).mean()
+
+
 @dataclass
 class StudentOutput:
     embedding: torch.Tensor
     feature_map: torch.Tensor | None = None
+    cells: torch.Tensor | None = None  # (B, H', W', D) unit embeddings per cell (Student.forward_dense)
 
 
 @dataclass(frozen=True)
@@ -132,6 +160,11 @@ class DistillLoss(nn.Module):
         return self.pca is not None or self.gl is not None
 
     @property
+    def needs_cells(self) -> bool:
+        """The student's per-cell embeddings and the teacher's per-patch ones are needed (the dense term)."""
+        return self.w.dense > 0
+
+    @property
     def substitution_rate(self) -> float:
         return sum(m.last_substitution_rate for m in self.pca) / len(self.pca) if self.pca else 0.0
 
@@ -154,6 +187,11 @@ class DistillLoss(nn.Module):
             parts["affinity"], weights["affinity"] = affinity_kl(s_emb, t_emb, b, self.logit_scale), self.w.affinity
         if self.needs_features:
             self._feature_parts(student, teacher, parts, weights)
+        if self.needs_cells:
+            t_dense = teacher.dense if isinstance(teacher, TeacherFeatures) else None
+            if t_dense is None or student.cells is None:
+                raise ValueError("the dense loss needs the teacher's patch embeddings and the student's cells")
+            parts["dense"], weights["dense"] = dense_cosine(student.cells, t_dense), self.w.dense
         if disc is not None and self.w.adversarial > 0:
             # Always computed (so DDP sees the same graph every step); the ramp sets its weight.
             parts["adversarial"], weights["adversarial"] = adversarial_loss(disc, s_emb), adversarial_weight

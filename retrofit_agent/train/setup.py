@@ -84,8 +84,15 @@ class Trainable(nn.Module):
         self, x: torch.Tensor, target: Any, bank: ZeroShotBank | None, disc: nn.Module | None, adv_weight: float
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(loss parts, student embeddings) for one batch of views."""
-        if self.loss.needs_features:
+        features, cells = self.loss.needs_features, self.loss.needs_cells
+        if features and cells:  # one backbone pass for the projectors and the dense term
+            emb, fmap, c = self.student.forward_dense_with_features(x, self.feature_index)
+            out = StudentOutput(emb, fmap, c)
+        elif features:
             out = StudentOutput(*self.student.forward_with_features(x, self.feature_index))
+        elif cells:
+            emb, c = self.student.forward_dense(x)
+            out = StudentOutput(emb, cells=c)
         else:
             out = StudentOutput(self.student(x))
         return self.loss(out, target, bank, disc, adv_weight), out.embedding
@@ -110,6 +117,8 @@ def load_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
         raise ConfigError(f"teacher: cannot load {c.model!r} (pretrained={c.pretrained!r}): {e}") from None
     if cfg.loss.needs_teacher_tokens:
         teacher.check_spatial(c.layers, need_qk=cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0)
+    if cfg.loss.dense > 0:
+        teacher.check_dense()
     return teacher
 
 
@@ -129,6 +138,11 @@ def build_models(cfg: DistillConfig, env: DistEnv, device: torch.device) -> Mode
     except (RuntimeError, OSError, ValueError) as e:
         raise ConfigError(f"student: cannot create timm model {c.student.backbone!r}: {e}") from None
     student.set_grad_checkpointing(c.student.grad_checkpointing)
+    if c.loss.dense > 0 and not student.has_cells:
+        raise ConfigError(
+            f"loss.dense: student backbone {c.student.backbone!r} has no spatial final feature map to give cells; "
+            "use a CNN backbone or set loss.dense to 0"
+        )
     spatial = None
     if c.loss.needs_teacher_tokens:
         spatial = SpatialShape(
@@ -246,6 +260,7 @@ def teacher_side(cfg: DistillConfig, teacher: Teacher, precision: Precision) -> 
         cfg.teacher.layers if spatial else None,
         spatial and (cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0),
         lambda: precision.autocast(teacher.device),
+        dense=cfg.loss.dense > 0,
     )
 
 
@@ -259,6 +274,7 @@ def cache_spec(cfg: DistillConfig) -> CacheSpec:
         layers=cfg.teacher.layers if spatial else None,
         qkv=spatial and (cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0),
         shard_size=cfg.cache.shard_size,
+        dense=cfg.loss.dense > 0,
     )
 
 

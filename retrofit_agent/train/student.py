@@ -1,4 +1,11 @@
-"""The student: a timm backbone plus an MLP projection head into the teacher's space."""
+"""The student: a timm backbone plus an MLP projection head into the teacher's space.
+
+The same head also maps every cell of the backbone's last feature map (before global
+pooling) into that space: a 1x1 convolution with the pooled head's weights, the MaskCLIP
+idea for a CNN. :meth:`Student.forward_dense` gives the pooled embedding and the cells
+from one backbone pass; they are what ``retrofit-model export --dense`` writes as the
+``cell_embeddings`` output.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class Student(nn.Module):
         self.mean: tuple[float, float, float] = tuple(cfg["mean"])
         self.std: tuple[float, float, float] = tuple(cfg["std"])
         self.embed_dim = embed_dim
+        self._grid: tuple[tuple[int, int], tuple[int, int]] | None = None  # (input size, cell grid) measured
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
@@ -48,12 +56,79 @@ class Student(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.head(self.backbone(images)), dim=-1)
 
+    def forward_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) unit embeddings, exactly as :meth:`forward`, and (N, H', W', D) unit cells, from one pass."""
+        final = self.backbone.forward_features(images)
+        return self._embed_and_cells(final)
+
+    def _embed_and_cells(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled head and the per-cell head on the backbone's final (N, C, H', W') map."""
+        self._check_spatial(final)
+        pooled = self.backbone.forward_head(final, pre_logits=True)
+        emb = nn.functional.normalize(self.head(pooled), dim=-1)
+        # nn.Linear acts on the last dimension, so on channels-last cells it is the 1x1
+        # convolution with the head's own weights; each cell is normalised on its own.
+        cells = nn.functional.normalize(self.head(final.permute(0, 2, 3, 1)), dim=-1)
+        return emb, cells
+
+    def _check_spatial(self, final: torch.Tensor) -> None:
+        if (
+            torch.onnx.is_in_onnx_export()
+        ):  # ONNX export: checked by export before tracing (shapes are traced values here)
+            return
+        if final.ndim != 4 or final.shape[1] != self.backbone.num_features:
+            raise ValueError(
+                f"student backbone {self.backbone_name!r} gives a final feature map of shape {tuple(final.shape)}, "
+                f"not (N, {self.backbone.num_features}, H', W'): it has no spatial map to give cells"
+            )
+
+    @property
+    def has_cells(self) -> bool:
+        """Whether the backbone's final features are a (N, C, H', W') map the head can be applied to per cell."""
+        try:
+            return min(self.cell_grid) > 0
+        except ValueError:
+            return False
+
+    @property
+    def cell_grid(self) -> tuple[int, int]:
+        """(H', W'): the final feature map's rows and columns at :attr:`input_size`.
+
+        Measured with one forward pass of a single blank image (the arithmetic of paddings and
+        strides differs between timm families), in eval mode so BatchNorm statistics are untouched.
+        """
+        if self._grid is None or self._grid[0] != self.input_size:
+            was_training = self.training
+            self.eval()
+            try:
+                p = next(self.backbone.parameters())
+                with torch.no_grad():
+                    final = self.backbone.forward_features(torch.zeros(1, 3, *self.input_size, device=p.device))
+            finally:
+                self.train(was_training)
+            self._check_spatial(final)
+            self._grid = (self.input_size, (int(final.shape[2]), int(final.shape[3])))
+        return self._grid[1]
+
     def feature_channels(self, index: int) -> int:
         """Channels of feature map ``index`` (timm feature_info order; negative from the end)."""
         return int(self.backbone.feature_info[index]["num_chs"])
 
     def forward_with_features(self, images: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embedding and feature map ``index`` from one pass (for the projectors).
+        """The embedding and feature map ``index`` from one pass (for the projectors)."""
+        final, fmap = self._final_and_map(images, index)
+        return nn.functional.normalize(self.head(self.backbone.forward_head(final, pre_logits=True)), dim=-1), fmap
+
+    def forward_dense_with_features(
+        self, images: torch.Tensor, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embedding, feature map ``index`` and cells from one pass (projectors and the dense loss together)."""
+        final, fmap = self._final_and_map(images, index)
+        emb, cells = self._embed_and_cells(final)
+        return emb, fmap, cells
+
+    def _final_and_map(self, images: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final (pre-pooling) features and feature map ``index``, from one pass.
 
         Uses timm's ``forward_intermediates`` (which honours gradient checkpointing) where
         the model has it, and a forward hook on the feature_info module otherwise.
@@ -62,16 +137,15 @@ class Student(nn.Module):
         idx = index % n
         if hasattr(self.backbone, "forward_intermediates"):
             final, maps = self.backbone.forward_intermediates(images, indices=[idx])
-            pooled = self.backbone.forward_head(final, pre_logits=True)
-            return nn.functional.normalize(self.head(pooled), dim=-1), maps[0]
+            return final, maps[0]
         seen: dict[str, torch.Tensor] = {}
         module = self.backbone.get_submodule(self.backbone.feature_info[idx]["module"])
         hook = module.register_forward_hook(lambda m, i, o: seen.setdefault("map", o))
         try:
-            emb = self(images)
+            final = self.backbone.forward_features(images)
         finally:
             hook.remove()
-        return emb, seen["map"]
+        return final, seen["map"]
 
     def describe(self) -> dict:
         """What export needs to rebuild this student from a state dict."""

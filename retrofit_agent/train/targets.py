@@ -55,6 +55,7 @@ class TeacherSide:
     layers: Sequence[int] | None  # None: the embedding only
     qkv: bool
     autocast: Callable[[], ContextManager]
+    dense: bool = False  # also the per-patch embeddings (the dense loss)
 
 
 class ViewTargets:
@@ -99,8 +100,8 @@ class ViewTargets:
     def teacher_targets(self, x: torch.Tensor) -> Target:
         s = self.side
         with s.autocast():
-            if s.layers is not None:
-                return s.teacher.forward_features(x, s.layers, qkv=s.qkv)
+            if s.layers is not None or s.dense:
+                return s.teacher.forward_features(x, s.layers or (), qkv=s.qkv, dense=s.dense)
             return s.teacher.encode_image(x)
 
     def _replayed(

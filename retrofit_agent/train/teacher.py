@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -161,6 +162,75 @@ class Teacher(nn.Module):
         return (int(g[0]), int(g[1]))
 
     @property
+    def dense_grid(self) -> tuple[int, int]:
+        """(gh, gw) of :meth:`encode_dense`: the ViT's patch grid, or the ResNet's last feature map (side / 32)."""
+        visual = self._dense_tower()
+        if getattr(visual, "attnpool", None) is not None:
+            side = self.image_size // 32  # ModifiedResNet: /4 stem, /2 in each of layers 2-4
+            return (side, side)
+        return self.grid_size
+
+    def check_dense(self) -> None:
+        """Refuse (one line) a tower :meth:`encode_dense` cannot read per-patch embeddings from."""
+        self._dense_tower()
+
+    def _dense_tower(self) -> Any:  # open_clip's towers: attributes by duck typing
+        """The vision tower, if :meth:`encode_dense` knows how to read per-position embeddings from it."""
+        visual: Any = self.model.visual
+        is_vit = getattr(visual, "transformer", None) is not None and hasattr(visual, "ln_post")
+        if is_vit and getattr(visual, "attn_pool", None) is None:
+            return visual
+        if getattr(visual, "attnpool", None) is not None and hasattr(visual.attnpool, "v_proj"):
+            return visual
+        raise ConfigError(
+            f"teacher {self.model_name!r}: no per-patch embeddings (needs an open_clip ViT without an attentional "
+            "pooler, or a ModifiedResNet with attention pooling); set loss.dense to 0"
+        )
+
+    @torch.no_grad()
+    def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, gh, gw, D) unit embeddings, one per patch, in the space of :meth:`encode_image` (MaskCLIP).
+
+        ViT: the last block's patch tokens through ``ln_post`` and the visual projection
+        ``proj``, the path the class token takes to become the image embedding. ModifiedResNet:
+        each position of the last feature map (plus its positional embedding) through the
+        attention pool's value and output projections, skipping the query-key attention, so a
+        cell is what attention pooling would return if it attended to that cell alone.
+        """
+        return self.encode_image_and_dense(images)[1]
+
+    @torch.no_grad()
+    def encode_image_and_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image` and :meth:`encode_dense` from one pass of the tower."""
+        seen: dict[str, torch.Tensor] = {}
+        hook = self._tap_dense(seen)
+        try:
+            embedding = nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
+        finally:
+            hook.remove()
+        return embedding, self._dense_from(seen["dense"])
+
+    def _tap_dense(self, seen: dict[str, torch.Tensor]) -> torch.utils.hooks.RemovableHandle:
+        """A hook that puts the tower's last per-position features in ``seen["dense"]`` during a forward."""
+        visual = self._dense_tower()
+        handle: torch.utils.hooks.RemovableHandle
+        if getattr(visual, "attnpool", None) is not None:  # its input: the (N, C, h, w) map
+            handle = visual.attnpool.register_forward_pre_hook(lambda m, inp: seen.__setitem__("dense", inp[0]))
+        else:
+            handle = visual.transformer.register_forward_hook(lambda m, inp, out: seen.__setitem__("dense", out))
+        return handle
+
+    def _dense_from(self, raw: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, gh, gw, D) embeddings from what :meth:`_tap_dense` caught (unit vectors unless told otherwise)."""
+        visual = self._dense_tower()
+        if getattr(visual, "attnpool", None) is not None:
+            out = _attnpool_values(visual.attnpool, raw)
+        else:
+            out = _vit_patch_embeddings(visual, raw, self.grid_size)
+        out = out.float()
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    @property
     def width(self) -> int:
         """Token width of the vision transformer (1024 for ViT-L/14)."""
         return int(self.model.visual.transformer.width)
@@ -215,9 +285,11 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward_features(
-        self, images: torch.Tensor, layers: int | Sequence[int] = -1, qkv: bool = True
+        self, images: torch.Tensor, layers: int | Sequence[int] = -1, qkv: bool = True, dense: bool = False
     ) -> TeacherFeatures:
-        """Embedding plus, for each block in ``layers``, its patch tokens and per-head Q/K/V, through forward hooks.
+        """Embedding plus, for each block in ``layers``, its patch tokens and per-head Q/K/V, through forward hooks;
+        with ``dense``, also :meth:`encode_dense`'s per-patch embeddings from the same pass. ``layers=()`` asks for
+        no block (the embedding and, with ``dense``, the patch embeddings only: a ResNet teacher can give those).
 
         open_clip calls ``nn.MultiheadAttention`` with ``need_weights=False``, so the
         attention map is not observable as an output. We capture the block's attention
@@ -226,9 +298,10 @@ class Teacher(nn.Module):
         blocks where they are not).
         """
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
-        blocks = self._blocks()
+        blocks = self._blocks() if layers else nn.ModuleList()
         seen: dict[tuple[str, int], torch.Tensor] = {}
-        hooks = []
+        caught: dict[str, torch.Tensor] = {}
+        hooks = [self._tap_dense(caught)] if dense else []
         for i, layer in enumerate(layers):
             block = blocks[layer]
             hooks.append(
@@ -240,7 +313,7 @@ class Teacher(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        seq_first = not self.model.visual.transformer.batch_first
+        seq_first = bool(layers) and not self.model.visual.transformer.batch_first
         out = []
         for i, layer in enumerate(layers):
             tokens, attn_in = seen[("tokens", i)], seen[("attn_in", i)]
@@ -256,7 +329,9 @@ class Teacher(nn.Module):
                     .chunk(3, dim=-1)
                 )
             out.append(LayerFeatures(tokens=tokens.float(), q=q, k=k, v=v))
-        return TeacherFeatures(embedding=embedding, layers=tuple(out), grid=self.grid_size)
+        grid = self.grid_size if layers else self.dense_grid
+        cells = self._dense_from(caught["dense"]) if dense else None
+        return TeacherFeatures(embedding=embedding, layers=tuple(out), grid=grid, dense=cells)
 
 
 @dataclass(frozen=True)
@@ -276,6 +351,7 @@ class TeacherFeatures:
     embedding: torch.Tensor  # (B, D) L2-normalised
     layers: tuple[LayerFeatures, ...]
     grid: tuple[int, int]
+    dense: torch.Tensor | None = None  # (B, gh, gw, D) unit per-patch embeddings (Teacher.encode_dense)
 
     def patch(self, t: torch.Tensor) -> torch.Tensor:
         """Drop the class token: the student's feature map has no counterpart for it."""
@@ -303,3 +379,38 @@ class TeacherFeatures:
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, d = x.shape
     return x.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+
+def _vit_patch_embeddings(visual: Any, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The transformer's output tokens → (N, gh, gw, D): ``ln_post`` then ``proj`` on every patch token.
+
+    ``ln_post`` normalises each token on its own, so applying it to all of them is what the
+    class token gets (and, with ``final_ln_after_pool``, what the pooled token gets).
+    """
+    if not visual.transformer.batch_first:
+        tokens = tokens.transpose(0, 1)
+    n = grid[0] * grid[1]
+    patches = visual.ln_post(tokens[:, tokens.shape[1] - n :])  # drop the class (and any prefix) token
+    if visual.proj is not None:
+        patches = patches @ visual.proj
+    out: torch.Tensor = patches.reshape(patches.shape[0], grid[0], grid[1], -1)
+    return out
+
+
+def _attnpool_values(pool: Any, fmap: torch.Tensor) -> torch.Tensor:
+    """ModifiedResNet's last (N, C, h, w) map → (N, h, w, D) through the pool's v_proj and c_proj (MaskCLIP).
+
+    Each position keeps its own positional embedding (resampled if the map is not the
+    pool's trained size), as its value vector inside the attention pool has it.
+    """
+    n, c, h, w = fmap.shape
+    pos = pool.positional_embedding[1:]  # the first row belongs to the mean token
+    side = round((pos.shape[0]) ** 0.5)
+    pos = pos.reshape(side, side, c)
+    if (side, side) != (h, w):
+        pos = nn.functional.interpolate(pos.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)[
+            0
+        ].permute(1, 2, 0)
+    x = fmap.permute(0, 2, 3, 1) + pos.to(fmap.dtype)
+    out: torch.Tensor = pool.c_proj(pool.v_proj(x))
+    return out

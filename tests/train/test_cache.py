@@ -212,3 +212,44 @@ def test_cli_refuses_a_cache_built_for_another_teacher_with_one_line_and_exit_2(
     last = err.strip().splitlines()[-1]
     assert err.count("error:") == 1 and "Traceback" not in err
     assert last.startswith("retrofit-model: error: teacher cache") and "was built for" in last
+
+
+def test_dense_targets_are_stored_per_view_and_replay_aligned_with_the_view(tmp_path, images, teachers):
+    """The per-patch embeddings are the teacher's on the stored view (crop, rotation): the student's
+    input gets the same view, so cell (i, j) of both describes the same place."""
+    a, _ = teachers
+    refs, root = _refs(images, 10), tmp_path / "cache"
+    aug_cfg = AugmentConfig(p_color=0.5, p_crop=1.0, p_rotate=1.0)
+    spec = CacheSpec(views=2, seed=3, teacher_view="same", augment=aug_cfg, shard_size=6, dense=True)
+    build_cache(root, a, refs, spec, batch_size=4)
+    key = cache_key(a, refs, spec)
+    assert key["format"] == 3 and key["dense"] == {"grid": [8, 8], "dim": a.embed_dim}
+    c = TeacherCache(root, key, (0, 0))
+    index, view = torch.tensor([1, 7, 7]), torch.tensor([0, 0, 1])
+    got = c.lookup(index, view, torch.device("cpu"))
+    assert got.target.layers == () and got.target.dense.shape == (3, 8, 8, a.embed_dim)
+    norm = Normalisation(a.mean, a.std)
+    x = torch.stack([DistillDataset(refs, None, a.input_spec())[i]["teacher"] for i in index.tolist()])
+    live = a.encode_dense(Augmenter(aug_cfg, a.mean, a.std).apply(x, got.views, norm))
+    torch.testing.assert_close(got.target.dense, live, atol=3e-3, rtol=0)  # float16 storage
+    unaligned = a.encode_dense(x)  # the clean picture: not the view the student will see
+    assert (got.target.dense - unaligned).abs().max() > 20 * (got.target.dense - live).abs().max()
+    # A cache without the dense targets is another key: refused (or rebuilt), never read as if it had them.
+    plain = tmp_path / "plain"
+    build_cache(plain, a, refs, CacheSpec(**{**spec.__dict__, "dense": False}), batch_size=4)
+    with pytest.raises(ConfigError, match="differs in: dense"):
+        build_cache(plain, a, refs, spec, batch_size=4)
+    with pytest.raises(ConfigError, match="not built for"):
+        TeacherCache(plain, key, (0, 0))
+
+
+def test_a_cache_from_the_earlier_format_is_refused_not_misread(tmp_path, images, teachers):
+    a, _ = teachers
+    refs, root = _refs(images, 6), tmp_path / "cache"
+    build_cache(root, a, refs, CacheSpec(), batch_size=8)
+    old = json.loads((root / "key.json").read_text())
+    old["format"] = 2
+    del old["dense"]
+    (root / "key.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"differs in: format\)"):
+        build_cache(root, a, refs, CacheSpec(), batch_size=8)

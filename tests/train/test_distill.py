@@ -272,3 +272,26 @@ def test_teacher_with_qk_norm_or_an_old_open_clip_exits_2_with_one_line(
     assert main(args[:-2]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "open_clip_torch 2.24.0 is older than 2.26" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["live teacher", "teacher cache"])
+def test_the_dense_term_is_logged_and_falls_with_training(tmp_path: Path, images: Path, cached: bool):
+    """The student's cells learn the teacher's per-patch embeddings, with the live teacher and from the cache."""
+    from retrofit_agent.train.engine import Distiller
+
+    cfg = tiny_config(
+        tmp_path / "run",
+        [str(images)],
+        student={"input_size": 96},  # a 3x3 grid of cells (32 px would give one)
+        loss={"pca_attention": 0.0, "pca_value": 0.0, "gl": 0.0, "adversarial": 0.0, "affinity": 0.0, "dense": 1.0},
+        data={"max_images": 64, "holdout": 8, "batch_size": 16},
+        augment={"p_mask": 0.0},
+        cache={"enabled": cached, "views": 2},
+        optim={"max_steps": 40, "warmup_steps": 5},
+        run={"log_every": 5, "eval_every": 1000, "checkpoint_every": 1000},
+    )
+    Distiller(cfg).fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dense = [m["loss_dense"] for m in lines if m.get("kind") == "train"]
+    assert len(dense) == 8
+    assert dense[-1] < 0.7 * dense[0], dense
