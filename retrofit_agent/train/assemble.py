@@ -3,6 +3,9 @@
 Everything the manifest says about the model comes from the ONNX metadata the exporter
 wrote (input spec, embedding dim, teacher identity and fingerprint, architecture), so the
 manifest cannot disagree with the model it describes; the daemon's own checks run last.
+A model exported with ``--dense`` carries ``retrofit.dense``: the manifest's ``model.dense``
+is read from it (:func:`~retrofit_agent.contract.embedder.spec_from_metadata`) and the
+Embedder checks the cells output is there with that grid.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import onnx
 
 from retrofit_agent.contract.bundle import (
     BankSpec,
+    DenseOutputSpec,
     EmbeddingSpace,
     InputSpec,
     Manifest,
@@ -26,6 +30,7 @@ from retrofit_agent.contract.bundle import (
     load_bundle,
     write_manifest,
 )
+from retrofit_agent.contract.embedder import Embedder, open_session, spec_from_metadata
 from retrofit_agent.contract.errors import BundleError
 from retrofit_agent.contract.messages import utc_iso
 from retrofit_agent.contract.prompts import PromptSet
@@ -46,6 +51,15 @@ def read_metadata(model_path: Path) -> dict[str, str]:
         raise BundleError(f"model {model_path}: ONNX metadata lacks {missing}; export it with retrofit-model export")
     meta["output_name"] = model.graph.output[0].name
     return meta
+
+
+def dense_output(model_path: Path) -> DenseOutputSpec | None:
+    """The model's cells output as its metadata names it, checked against the graph (None: it has none)."""
+    session = open_session(model_path)
+    spec = spec_from_metadata(session, model_path)
+    if spec.dense is not None:
+        Embedder(session, spec, where=f"model {model_path}")  # the output exists, with that grid and width
+    return spec.dense
 
 
 def bank_logit_scale(bank: Path, default: float = 100.0) -> float:
@@ -73,6 +87,12 @@ def assemble_bundle(
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
     meta = read_metadata(model_dst)
+    dense = dense_output(model_dst)
+    for v in (variants or [])[1:]:  # one manifest entry for every variant: they must agree
+        if dense_output(out / v.file) != dense:
+            raise BundleError(
+                f"variant {v.file}: its cells output differs from {model_dst.name}'s; export them from one student"
+            )
     if trained is None:  # what the exporter recorded; unknown counts as untrained
         trained = meta.get("retrofit.trained") == "true"
     if not trained and not notice:
@@ -89,6 +109,7 @@ def assemble_bundle(
             input=InputSpec.model_validate(json.loads(meta["retrofit.input_spec"])),
             output=OutputSpec(name=meta["output_name"], embedding_dim=int(meta["retrofit.embedding_dim"])),
             quantization=quantization,
+            dense=dense,
         ),
         embedding_space=EmbeddingSpace(teacher=meta["retrofit.teacher"], fingerprint=meta["retrofit.fingerprint"]),
         bank=BankSpec(file=BANK_FILE, logit_scale=bank_logit_scale(bank_dst), groups=prompts.group_specs()),

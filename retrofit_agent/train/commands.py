@@ -157,10 +157,15 @@ def load_teacher(model: str, pretrained: str | None, seed: int | None = None):
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from retrofit_agent.train.export import export_onnx, onnx_metadata, parity, student_input_spec
+    from retrofit_agent.train.export import dense_spec, export_onnx, onnx_metadata, parity, student_input_spec
 
     _stage("export", "loading the student", checkpoint=str(a.checkpoint))
     student, saved = load_student(a.checkpoint)
+    if a.dense:
+        try:
+            dense_spec(student)
+        except ConfigError as e:
+            raise ConfigError(f"--dense: {e}") from None
     frames = _images(a.images, 16, "--images")  # before minutes of export, not after
     teacher, fingerprint = saved.get("teacher"), saved.get("fingerprint")
     if not teacher or not fingerprint:
@@ -172,10 +177,14 @@ def cmd_export(a: argparse.Namespace) -> int:
         bool(saved.get("trained_from_pretrained_teacher")) and saved.get("steps", 0) > 0
     ).lower()
     _stage("export", "writing ONNX and running onnx.checker", out=str(a.out))
-    export_onnx(student, a.out, meta)
+    export_onnx(student, a.out, meta, dense=a.dense)
     _stage("export", "parity check torch vs onnxruntime", images=str(a.images))
     diff = parity(student, a.out, frames, spec)
-    print(f"exported {a.out}; parity torch vs onnxruntime fp32 on real images: max |diff| {diff:.2e} (limit 1e-4)")
+    cells = f" and cells ({'x'.join(map(str, student.cell_grid))} grid)" if a.dense else ""
+    print(
+        f"exported {a.out}; parity torch vs onnxruntime fp32 on real images, embeddings{cells}: max |diff| "
+        f"{diff:.2e} (limit 1e-4)"
+    )
     if diff > 1e-4:
         raise ConfigError(f"parity check failed: max |diff| {diff:.2e} > 1e-4")
     return 0
@@ -187,6 +196,11 @@ def add_export(sub) -> None:
     p.add_argument("--images", type=existing_dir, required=True, help="folder of real images for the parity check")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write, e.g. build/student.fp32.onnx")
     p.add_argument("--version", default="0.1.0", help="model version recorded in the metadata (default: %(default)s)")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="also export cell_embeddings (N, H', W', D): the head on every cell of the last feature map, for regions",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -396,9 +410,10 @@ def add_bundle(sub) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    if not a.imagefolder and not a.multilabel and not a.regions:
+    if not (a.imagefolder or a.multilabel or a.world or a.regions):
         raise ConfigError(
-            "nothing to evaluate: give --imagefolder (zero-shot accuracy), --multilabel (AUROC) and/or --regions"
+            "nothing to evaluate: give --imagefolder (zero-shot accuracy), --multilabel (AUROC), --world "
+            "(per-group top-1 on world pictures) and/or --regions"
         )
     import torch
 
@@ -447,6 +462,25 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         (a.out / "multi_label.txt").write_text(table + "\n")
         ev.auroc_chart(rows, a.out / "auroc.png")
         print(table)
+    if a.world:
+        try:
+            records, frames = ev.read_world(a.world, a.limit)
+        except ValueError as e:
+            raise ConfigError(f"--world: {e}") from None
+        emb = {
+            m: np.concatenate([enc(frames[i : i + 16]) for i in range(0, len(frames), 16)])
+            for m, enc in encoders.items()
+        }
+        order = ["teacher", "student_fp32", "student_int8"]
+        emb = {m: emb[m] for m in order if m in emb}
+        world = ev.evaluate_world(emb, bundle.bank.embeddings, bundle.bank.keys, [r.labels for r in records])
+        table = ev.world_table(world, a.goal)
+        (a.out / "world.json").write_text(json.dumps({"pictures": len(records), "models": world}, indent=2))
+        (a.out / "world.txt").write_text(table + "\n")
+        ev.bar_chart(
+            {m: {g: v for g, v in r.items() if "/" not in g} for m, r in world.items()}, a.out / "world.png", a.goal
+        )
+        print(table)
     if a.regions:
         _evaluate_regions(a, bundle, teacher, tpre)
     return 0
@@ -459,6 +493,7 @@ def _evaluate_regions(a: argparse.Namespace, bundle, teacher, tpre) -> None:
     from retrofit_agent.contract.embedder import Embedder
     from retrofit_agent.contract.preprocess import Preprocessor
     from retrofit_agent.contract.regions import RegionFinder
+    from retrofit_agent.train import evaluate as ev
     from retrofit_agent.train import regions_eval as rv
 
     m = bundle.manifest
@@ -485,7 +520,7 @@ def _evaluate_regions(a: argparse.Namespace, bundle, teacher, tpre) -> None:
             return teacher.encode_dense(x).float().cpu().numpy()
 
     try:
-        records, frames = rv.read_world(a.regions, a.regions_limit)
+        records, frames = ev.read_world(a.regions, a.limit)
     except ValueError as e:
         raise ConfigError(f"--regions: {e}") from None
     models = [rv.CellModel("teacher", tpre.spec, teacher_cells)]
@@ -544,12 +579,18 @@ def add_evaluate(sub) -> None:
     p.add_argument("--classes", nargs="*", help="classes to score (default: all in the index)")
     p.add_argument("--template", default="a photo of a {}.", help="text prompt per class (default: %(default)r)")
     p.add_argument(
+        "--world",
+        type=existing_dir,
+        help="a 'retrofit-model world images' folder: per-group top-1 of teacher and students, as the camera decides",
+    )
+    p.add_argument("--goal", type=float, help="with --world: mark groups under this top-1 (e.g. 0.9)")
+    p.add_argument(
         "--regions",
         type=existing_dir,
         help="a 'retrofit-model world images' folder: score regions of localized labels against its boxes",
     )
     p.add_argument("--regions-threshold", type=float, default=0.5, help="cell probability for a region (default 0.5)")
-    p.add_argument("--regions-limit", type=int, help="score only the first N pictures")
+    p.add_argument("--limit", type=int, help="with --world/--regions: only the first N pictures")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON, table and chart")
     p.set_defaults(func=cmd_evaluate)
 
