@@ -11,6 +11,8 @@ from dense_model import dense_bundle
 
 @pytest.fixture
 def make_dense_bundle(tmp_path: Path) -> Callable[..., Path]:
+    """Builds bundles around the tiny dense model (writing it needs onnx, from the train or dev extras)."""
+    pytest.importorskip("onnx")
     made = iter(range(1000))
 
     def _make(**kw: object) -> Path:
