@@ -66,9 +66,12 @@ class Student(nn.Module):
         self._check_spatial(final)
         pooled = self.backbone.forward_head(final, pre_logits=True)
         emb = nn.functional.normalize(self.head(pooled), dim=-1)
-        # nn.Linear acts on the last dimension, so on channels-last cells it is the 1x1
-        # convolution with the head's own weights; each cell is normalised on its own.
-        cells = nn.functional.normalize(self.head(final.permute(0, 2, 3, 1)), dim=-1)
+        # The head on a (cells, C) matrix is the 1x1 convolution with its own weights. Flattened to 2-d
+        # it exports as the same Gemm on the same initializers as the pooled path: one copy of the
+        # head in the ONNX file, not a second, transposed one for a MatMul over (N, H', W', C).
+        n, c, h, w = final.shape
+        flat = final.permute(0, 2, 3, 1).reshape(-1, c)
+        cells = nn.functional.normalize(self.head(flat), dim=-1).reshape(n, h, w, -1)
         return emb, cells
 
     def _check_spatial(self, final: torch.Tensor) -> None:
