@@ -72,6 +72,12 @@ class DistillStage(_Strict):
     overrides: list[str] = Field(default_factory=list)
 
 
+class ExportStage(_Strict):
+    dense: bool = Field(
+        True, description="Also export cell_embeddings (export --dense), so the bundle's daemon can give regions."
+    )
+
+
 class QuantizeStage(_Strict):
     calibration_count: int = Field(256, ge=8)
     heldout_count: int = Field(200, ge=8)
@@ -102,6 +108,7 @@ class ChainConfig(_Strict):
     clip: ClipStage = ClipStage()
     teacher: TeacherStage
     distill: DistillStage
+    export: ExportStage = ExportStage()
     quantize: QuantizeStage = QuantizeStage()
     bundle: BundleStage = BundleStage()
     score: ScoreStage = ScoreStage()
@@ -177,7 +184,7 @@ class Chain:
             "clip": c.clip,
             "teacher": (c.teacher, _file_text(c.teacher.config)),
             "distill": (c.distill, _file_text(c.distill.config)),
-            "export": None,
+            "export": c.export,
             "bank": str(c.prompts_file),
             "quantize": c.quantize,
             "bundle": (c.bundle, str(self.out)),
@@ -247,9 +254,8 @@ class Chain:
     def _export(self) -> dict[str, Any]:
         fp32 = self.path("export", "student.fp32.onnx")
         images = self.path("world", "heldout", "images")
-        _model(
-            ["export", "--checkpoint", self.results["distill"]["student"], "--images", str(images), "--out", str(fp32)]
-        )
+        argv = ["export", "--checkpoint", self.results["distill"]["student"], "--images", str(images)]
+        _model([*argv, "--out", str(fp32), *(["--dense"] if self.cfg.export.dense else [])])
         return {"fp32": str(fp32)}
 
     def _bank(self) -> dict[str, Any]:
