@@ -419,6 +419,19 @@ CASES = [
     M("evaluate", "--bundle", R, "--out", "{tmp}/ev", expect="nothing to evaluate"),
     M(
         "evaluate",
+        *("--bundle", R, "--teacher", "retrofit-tiny-clip", "--pretrained", "none", "--seed", "0"),
+        *("--world", "{empty}", "--out", "{tmp}/ev"),
+        expect="--world: ",
+        log_lines=1,
+    ),
+    M(
+        "evaluate",
+        *("--bundle", R, "--teacher", "retrofit-tiny-clip", "--pretrained", "none", "--seed", "0"),
+        *("--regions", "{tmp}/no-world", "--out", "{tmp}/ev"),
+        expect="argument --regions: no such directory",
+    ),
+    M(
+        "evaluate",
         "--bundle",
         "{tmp}/no-bundle",
         "--imagefolder",

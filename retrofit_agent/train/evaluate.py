@@ -15,7 +15,7 @@ The metric functions are plain numpy; only scoring images with the teacher needs
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,9 +156,15 @@ def auroc_table(results: dict[str, list[ClassAuroc]]) -> str:
 
 
 def auroc_chart(results: dict[str, list[ClassAuroc]], path: Path) -> Path:
-    """Grouped bars of per-class AUROC per model (drawn with OpenCV: no plotting dependency)."""
-    models = list(results)
-    names = [r.name for r in results[models[0]]]
+    """Grouped bars of per-class AUROC per model."""
+    return bar_chart({m: {r.name: r.auroc for r in rows} for m, rows in results.items()}, path)
+
+
+def bar_chart(values: dict[str, dict[str, float]], path: Path, goal: float | None = None) -> Path:
+    """Grouped bars on [0, 1]: a group of bars per name, a bar per model (drawn with OpenCV:
+    no plotting dependency); ``goal`` draws a dashed red line."""
+    models = list(values)
+    names = list(values[models[0]])
     colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214)]
     w, h, left, bottom = max(640, 60 * len(names) + 120), 420, 60, 110
     img = np.full((h, w, 3), 255, np.uint8)
@@ -171,7 +177,7 @@ def auroc_chart(results: dict[str, list[ClassAuroc]], path: Path) -> Path:
     bar = slot * 0.8 / len(models)
     for c, name in enumerate(names):
         for k, m in enumerate(models):
-            v = results[m][c].auroc
+            v = values[m].get(name, float("nan"))
             if np.isnan(v):
                 continue
             x0 = int(left + c * slot + slot * 0.1 + k * bar)
@@ -185,6 +191,10 @@ def auroc_chart(results: dict[str, list[ClassAuroc]], path: Path) -> Path:
     for k, m in enumerate(models):
         cv2.rectangle(img, (left + 150 * k, 10), (left + 150 * k + 12, 22), colours[k % 4], -1)
         cv2.putText(img, m, (left + 150 * k + 18, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    if goal is not None:
+        y = int(h - bottom - goal * plot_h)
+        for x in range(left, w - 20, 12):
+            cv2.line(img, (x, y), (min(x + 6, w - 20), y), (0, 0, 220), 1)
     cv2.imwrite(str(path), img)
     return path
 
@@ -237,6 +247,80 @@ def evaluate_single_label(embeddings: dict[str, np.ndarray], class_text: np.ndar
             row["mean_cosine_to_teacher"] = float((embeddings[m] * embeddings[teacher]).sum(1).mean())
         out["models"][m] = row
     return out
+
+
+def read_world(folder: Path, limit: int | None = None) -> tuple[list, list[np.ndarray]]:
+    """A ``retrofit-model world images`` folder: its records (``ImageRecord``) and pictures (BGR).
+
+    Raises ValueError with one line when the folder is not one.
+    """
+    from retrofit_agent.train.world.records import ImageRecord
+
+    index = Path(folder) / "captions.jsonl"
+    if not index.is_file():
+        raise ValueError(f"{folder} has no captions.jsonl (write one with: retrofit-model world images --out {folder})")
+    records, frames = [], []
+    for n, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = ImageRecord.model_validate_json(line)
+        except ValueError:
+            raise ValueError(f"{index}: line {n} is not a world picture record") from None
+        image = cv2.imread(str(Path(folder) / record.file), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"cannot read {Path(folder) / record.file} (write the set without --shards-only)")
+        records.append(record)
+        frames.append(image)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise ValueError(f"{index} lists no pictures")
+    return records, frames
+
+
+def evaluate_world(
+    embeddings: dict[str, np.ndarray], bank: np.ndarray, keys: Sequence[str], labels: Sequence[dict[str, str | None]]
+) -> dict[str, dict[str, float]]:
+    """Per-group top-1 of each model on world pictures, as the camera decides: the best bank row
+    within each group (contract.zeroshot.group_argmax) against the picture's label; pictures
+    whose label for a group is null (not observable) are skipped for that group. The first
+    model is the teacher; the others also get ``agreement/<group>``, the share of pictures on
+    which they say what the teacher says."""
+    from retrofit_agent.contract.zeroshot import group_argmax, group_index
+
+    groups = [k.partition(".")[0] for k in keys]
+    index = group_index(groups)
+    names = [groups[int(idx[0])] for idx in index]
+    said = {m: group_argmax(e @ bank.T, index) for m, e in embeddings.items()}
+    teacher = next(iter(said))
+    out: dict[str, dict[str, float]] = {}
+    for m, rows in said.items():
+        row: dict[str, float] = {}
+        for g, name in enumerate(names):
+            truth = [(i, lab[name]) for i, lab in enumerate(labels) if lab.get(name) is not None]
+            hits = [keys[int(rows[i, g])].partition(".")[2] == t for i, t in truth]
+            row[name] = float(np.mean(hits)) if hits else float("nan")
+            if m != teacher:
+                row[f"agreement/{name}"] = float(np.mean(rows[:, g] == said[teacher][:, g]))
+        out[m] = row
+    return out
+
+
+def world_table(results: dict[str, dict[str, float]], goal: float | None = None) -> str:
+    models = list(results)
+    groups = [g for g in results[models[0]] if "/" not in g]
+    lines = [f"{'group':16}" + "".join(f"{m:>14}" for m in models) + ("  int8/teacher" if len(models) > 1 else "")]
+    for g in groups:
+        row = f"{g:16}" + "".join(f"{results[m][g]:>14.3f}" for m in models)
+        if len(models) > 1:
+            t, last = results[models[0]][g], results[models[-1]][g]
+            row += f"{last / t if t else float('nan'):>14.3f}"
+        if goal is not None:
+            row += "" if all(results[m][g] >= goal for m in models) else "  < goal"
+        lines.append(row)
+    lines.append(f"{'mean':16}" + "".join(f"{np.nanmean([results[m][g] for g in groups]):>14.3f}" for m in models))
+    return "\n".join(lines)
 
 
 def evaluate_multi_label(

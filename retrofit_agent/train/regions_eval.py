@@ -197,24 +197,3 @@ def draw_regions(
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), sheet)
     return path
-
-
-def read_world(folder: Path, limit: int | None = None) -> tuple[list[ImageRecord], list[np.ndarray]]:
-    """A ``retrofit-model world images`` folder: its records and pictures (BGR)."""
-    index = Path(folder) / "captions.jsonl"
-    if not index.is_file():
-        raise ValueError(f"{folder} has no captions.jsonl (write one with: retrofit-model world images --out {folder})")
-    records: list[ImageRecord] = []
-    frames: list[np.ndarray] = []
-    for line in index.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        record = ImageRecord.model_validate_json(line)
-        image = cv2.imread(str(Path(folder) / record.file), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot read {Path(folder) / record.file} (write it with --loose-files)")
-        records.append(record)
-        frames.append(image)
-        if limit is not None and len(records) >= limit:
-            break
-    return records, frames

@@ -180,3 +180,39 @@ def test_a_bank_from_another_teacher_is_refused_at_start_up(chain: dict):
 
     with pytest.raises(RetrofitError, match="text bank was built with teacher"):
         clip_scores(chain, bundle, "other-teacher")
+
+
+def test_evaluate_reports_per_group_fidelity_and_regions_on_the_world(chain: dict, capsys: pytest.CaptureFixture[str]):
+    """``evaluate --world --regions`` on the chain's held-out pictures: the teacher column agrees
+    with the teacher stage's own evaluation on the groups it learnt, the int8 student meets the
+    bar there too, and every localized label's region counts add up to what the boxes say."""
+    from retrofit_agent.train.evaluate import read_world
+    from retrofit_agent.train.regions_eval import true_boxes
+
+    teacher = chain["results"]["teacher"]
+    heldout = chain["work"] / "world" / "heldout"
+    out = chain["work"] / "evaluate"
+    argv = ["evaluate", "--bundle", str(chain["bundle"]), "--teacher", teacher["model"]]
+    argv += ["--pretrained", teacher["checkpoint"], "--fp32", chain["results"]["export"]["fp32"]]
+    argv += ["--world", str(heldout), "--regions", str(heldout), "--goal", "0.9", "--out", str(out)]
+    assert _main(*argv) == 0
+    print(capsys.readouterr().out)
+    world = json.loads((out / "world.json").read_text())["models"]
+    assert list(world) == ["teacher", "student_fp32", "student_int8"]
+    for group, bar in BAR.items():
+        assert world["teacher"][group] >= bar and world["student_int8"][group] >= bar, (group, world)
+    assert world["student_int8"]["agreement/time_of_day"] >= 0.8
+    regions = json.loads((out / "regions.json").read_text())
+    records, _ = read_world(heldout)
+    manifest = json.loads((chain["bundle"] / "manifest.json").read_text())
+    localized = [
+        f"{g['name']}.{lab['name']}" for g in manifest["bank"]["groups"] for lab in g["labels"] if lab["localize"]
+    ]
+    assert localized and set(regions["models"]) == {"teacher", "student_fp32", "student_int8"}
+    for key in localized:
+        with_it = sum(bool(true_boxes(r, key)) for r in records)
+        for scores in regions["models"].values():
+            s = scores[key]
+            assert s["images_with"] == with_it and 0 <= s["pointing_hits"] <= with_it
+            assert s["boxes"] == sum(len(true_boxes(r, key)) for r in records)
+    assert (out / "regions.png").stat().st_size > 0 and (out / "world.png").stat().st_size > 0
