@@ -2,7 +2,8 @@
 
 An EfficientNet-B3 (300x300) + MLP student and a tiny open_clip teacher, both with seeded
 random weights (no pretrained weights can be downloaded where this is built), taken
-through the real pipeline: ONNX export with parity check, static int8 quantization
+through the real pipeline: ONNX export with the per-cell output (10x10 cells at 300 px, so the
+daemon has cells to give regions from) and parity check, static int8 quantization
 calibrated on the sample clip, a text bank from the teacher's text tower over
 models/prompts/automotive.toml, and a hash-checked manifest. Its labels mean nothing.
 
@@ -64,7 +65,7 @@ def build_reference(
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "student.fp32.onnx"
         meta = onnx_metadata(spec, teacher.embed_dim, teacher.identity, fingerprint, version, f"{backbone}+mlp")
-        export_onnx(student, fp32, meta)
+        export_onnx(student, fp32, meta, dense=True)
         report["parity_max_abs_diff"] = parity(student, fp32, held_out[:8], spec)
         pre = Preprocessor(spec)
         settings = QuantSettings(method="minmax", per_channel=True)
@@ -73,6 +74,9 @@ def build_reference(
         gate = compare(fp32, out / MODEL_FILE, pre.batch(held_out), load_bank(out / BANK_FILE))
         enforce(gate, 0.98, 0.95, force=False)
         report.update(
+            cell_grid=list(student.cell_grid),
+            int8_vs_fp32_cell_mean_cosine=gate.cell_cosine,
+            int8_vs_fp32_cell_min_cosine=gate.cell_min_cosine,
             int8_vs_fp32_mean_cosine=gate.mean_cosine,
             int8_vs_fp32_min_cosine=gate.min_cosine,
             int8_vs_fp32_top1_agreement=gate.top1_agreement,

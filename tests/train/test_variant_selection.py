@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def variant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference int8 model plus the fp32 export of the same seeded student it was quantized from."""
+    """The reference int8 model plus the fp32 export (with cells) of the same seeded student it was quantized from."""
     import torch
 
     from retrofit_agent import __version__
@@ -35,7 +35,7 @@ def variant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"{__version__}-reference",
         "efficientnet_b3+mlp",
     )
-    fp32 = export_onnx(student, tmp / "student.fp32.onnx", meta)
+    fp32 = export_onnx(student, tmp / "student.fp32.onnx", meta, dense=True)  # as the reference was
     from retrofit_agent.train.cli import main
 
     out = tmp / "bundle"
