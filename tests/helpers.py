@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,10 +37,33 @@ def agent_command(*args: str) -> list[str]:
     return [sys.executable, "-c", _NO_TORCH, *args]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port below the kernel's ephemeral range.
+
+    Tests stop servers and start them again on the same port (a broker, a store, a central
+    Prometheus). A port from the ephemeral range can meanwhile be handed to any outgoing
+    connection on the machine as its local port, or to a client reconnecting to that very port,
+    which then connects to itself; the restart then fails with EADDRINUSE (seen in CI). Ports
+    below the range are only ever taken by a bind.
+    """
+    low = _ephemeral_low()
+    for port in random.sample(range(max(1024, low - 12000), low), 400):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the range below is crowded: let the kernel choose
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 class RunningAgent:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import socket
 import threading
 import time
@@ -27,26 +26,11 @@ BUCKET = "fleet-captures"
 VEHICLE = "car-s3"
 
 
-def _fixed_port() -> int:
-    """A free port below the kernel's ephemeral range. While the proxy is shut, a port from that
-    range can be handed to any outgoing connection on the machine as its local port (or to the
-    uplink's own reconnect, which then connects to itself), and reopening fails (CI: EADDRINUSE)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(max(1024, low - 8000), low), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
-
-
 class Proxy:
     """A TCP forwarder on a fixed loopback port that can be shut and reopened."""
 
     def __init__(self, target: int) -> None:
-        self.port, self.target = _fixed_port(), target
+        self.port, self.target = free_port(), target  # below the ephemeral range: see free_port
         self.socks: list[socket.socket] = []
         self.listener: socket.socket | None = None
 
