@@ -43,8 +43,8 @@ class Proxy:
                 ls.bind(("127.0.0.1", self.port))
                 break
             except OSError:
-                # Something still holds the port (a connection of the uplink's on its way out):
-                # it frees in a moment, and reopening on this very port is the point.
+                # Something else may hold the port for a moment; reopening on this very port
+                # is the point of the test, so wait for it rather than pick another.
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
@@ -58,7 +58,11 @@ class Proxy:
                 a, _ = ls.accept()
             except OSError:
                 return
-            b = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the store is gone (the module is ending): drop this client
+                a.close()
+                continue
             self.socks += [a, b]
             for x, y in ((a, b), (b, a)):
                 threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
@@ -79,6 +83,13 @@ class Proxy:
 
     def shut(self) -> None:
         if self.listener is not None:
+            # close() alone leaves a listener that another thread is blocked in accept() on
+            # listening (Linux): the port stays taken and the next connection is still let
+            # through. shutdown() wakes the accept with EINVAL and frees the port at once.
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.listener.close()
             self.listener = None
         for s in self.socks:
