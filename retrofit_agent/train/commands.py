@@ -500,8 +500,7 @@ def _evaluate_regions(a: argparse.Namespace, bundle, teacher, tpre) -> None:
     keys = [f"{g.name}.{lab.name}" for g in m.bank.groups for lab in g.labels if lab.localize]
     if not keys:
         raise ConfigError(f"--regions: {a.bundle} marks no label 'localize = true' (see the prompts file)")
-    if not hasattr(teacher, "encode_dense"):
-        raise ConfigError(f"--regions: teacher {teacher.identity} gives no per-patch embeddings")
+    teacher.check_dense()  # a tower without per-patch embeddings: one line, before any picture is read
 
     def onnx_model(name: str, path: Path) -> rv.CellModel:
         embedder = Embedder.from_onnx(path)
