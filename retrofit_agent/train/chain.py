@@ -60,9 +60,17 @@ class ClipStage(_Strict):
     segments: str | None = Field(None, description="Segment names; unset: the drive that shows every label.")
 
 
-class TeacherStage(_Strict):
+class TeacherPhase(_Strict):
     config: Path = Field(description="teacher-train recipe (TOML), relative to the repo.")
     overrides: list[str] = Field(default_factory=list, description="--set KEY=VALUE for teacher-train.")
+
+
+class TeacherStage(TeacherPhase):
+    pretrain: TeacherPhase | None = Field(
+        None,
+        description="A first phase, trained into WORK/teacher-pretrain; the main recipe then starts from its "
+        "weights (model.init_from), as open_clip_train fine-tunes from --pretrained.",
+    )
 
 
 class DistillStage(_Strict):
@@ -182,7 +190,11 @@ class Chain:
         own: Any = {
             "world": c.world,
             "clip": c.clip,
-            "teacher": (c.teacher, _file_text(c.teacher.config)),
+            "teacher": (
+                c.teacher,
+                _file_text(c.teacher.config),
+                _file_text(c.teacher.pretrain.config) if c.teacher.pretrain else "",
+            ),
             "distill": (c.distill, _file_text(c.distill.config)),
             "export": c.export,
             "bank": str(c.prompts_file),
@@ -225,13 +237,17 @@ class Chain:
     def _teacher(self) -> dict[str, Any]:
         t = self.cfg.teacher
         out = self.path("teacher")
-        argv = ["teacher-train", "--config", str(t.config), "--out", str(out), "--resume"]
-        for o in t.overrides:
-            argv += ["--set", o]
-        _model(argv)
+        sets = list(t.overrides)
+        result: dict[str, Any] = {}
+        if t.pretrain is not None:
+            first = self.path("teacher-pretrain")
+            _teacher_train(t.pretrain, first)
+            sets.insert(0, f"model.init_from={first / 'checkpoint.pt'}")
+            result["pretrain_eval"] = _top1(json.loads((first / "eval.json").read_text()))
+        _teacher_train(TeacherPhase(config=t.config, overrides=sets), out)
         report = json.loads((out / "eval.json").read_text())
         name = json.loads((out / "config.json").read_text())["model"]["name"]
-        return {"model": name, "checkpoint": str(out / "checkpoint.pt"), "eval": _top1(report)}
+        return {"model": name, "checkpoint": str(out / "checkpoint.pt"), "eval": _top1(report), **result}
 
     def _distill(self) -> dict[str, Any]:
         d, teacher = self.cfg.distill, self.results["teacher"]
@@ -372,6 +388,13 @@ def _last_json(path: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _teacher_train(phase: TeacherPhase, out: Path) -> None:
+    argv = ["teacher-train", "--config", str(phase.config), "--out", str(out), "--resume"]
+    for o in phase.overrides:
+        argv += ["--set", o]
+    _model(argv)
+
+
 def _file_text(path: Path) -> str:
     p = path if path.is_absolute() else REPO / path
     return p.read_text(encoding="utf-8") if p.is_file() else ""
@@ -399,7 +422,8 @@ def register(sub: Any) -> None:
         cfg = load_chain_config(a.config)
         for module in ("torch", "open_clip", "timm"):  # before the first stage, not after the world is drawn
             importlib.import_module(module)
-        for stage_file in (cfg.teacher.config, cfg.distill.config, cfg.prompts_file):
+        pretrain = (cfg.teacher.pretrain.config,) if cfg.teacher.pretrain else ()
+        for stage_file in (*pretrain, cfg.teacher.config, cfg.distill.config, cfg.prompts_file):
             if not stage_file.is_file():
                 raise ConfigError(f"{a.config}: no such file: {stage_file}")
         results = Chain(cfg, a.work, a.out).run(a.until, tuple(a.force))

@@ -209,6 +209,144 @@ def test_batches_are_a_function_of_the_step_and_twins_differ_in_one_group():
     assert max(changed) <= 1 and sum(changed) >= 4, changed
 
 
+def test_minimal_pairs_share_the_scene_and_name_the_group_they_differ_in():
+    from retrofit_agent.train.teacher_train.stream import minimal_pair
+    from retrofit_agent.train.world import load_label_space, sample_scene, scene_seed
+
+    space = load_label_space()
+    objects = ("pedestrians", "cyclists", "vehicles")
+    differed = 0
+    for i in range(12):
+        seed = scene_seed(4, i)
+        a, b = minimal_pair(seed, 96, space, objects)
+        known = [g for g in a.labels if a.labels[g] is not None and b.labels[g] is not None]
+        changed = [g for g in known if a.labels[g] != b.labels[g]]
+        # Things are placed again from the changed group on, so now and then another object
+        # group's truth moves too (a cyclist newly hidden behind a bus); the conditions never do.
+        assert set(changed) <= set(objects + ("signs", "traffic_light")), (a.labels, b.labels)
+        for g in ("weather", "time_of_day", "road_type", "scene"):
+            assert a.labels[g] == b.labels[g]
+        if len(changed) == 1:
+            differed += 1
+            g = changed[0]
+            for p in (a, b):  # both captions say the group, each with its own label
+                from retrofit_agent.train.world.captions import phrases
+
+                words = phrases(space, g, p.labels[g], False) + phrases(space, g, p.labels[g], True)
+                assert any(w.split("{")[0].strip().lower() in p.caption.lower() for w in words), (
+                    g,
+                    p.labels[g],
+                    p.caption,
+                )
+        # one scene drawn twice: same camera and light, so most pixels agree
+        assert a.image.shape == b.image.shape
+        same = np.mean(np.abs(a.image.astype(int) - b.image.astype(int)) < 12)
+        assert same > 0.5, same
+    assert differed >= 8, differed
+    # an ordinary scene of the same seed is not the pair's first picture: labels are pinned
+    assert sample_scene(scene_seed(4, 0), 96, 96, space) is not None
+
+
+def test_same_scene_twins_fill_the_batch_in_pairs():
+    cfg = micro_config(
+        Path("unused"), 4, data={"twins": 0.5, "twin_scene": "same", "twin_groups": ["pedestrians", "vehicles"]}
+    )
+    from retrofit_agent.train.world import load_label_space
+
+    model = build_model(MICRO, 0)
+    batches = WorldBatches(cfg.data, load_label_space(), teacher_view(model), open_clip.get_tokenizer(MICRO), 8, (0, 4))
+    first = batches.batch(1)
+    assert torch.equal(first["images"], batches.batch(1)["images"])
+    pairs = 0
+    for b in range(3):
+        labels = batches.batch(b)["labels"]
+        for base, twin in zip(labels[:4], labels[4:]):
+            changed = [g for g in base if base[g] is not None and twin[g] is not None and base[g] != twin[g]]
+            assert all(base[g] == twin[g] for g in ("weather", "time_of_day", "road_type", "scene"))
+            pairs += changed in (["pedestrians"], ["vehicles"])
+    assert pairs >= 8, pairs
+
+
+def test_schedule_steps_sets_the_cosine_and_a_cut_run_follows_it():
+    from retrofit_agent.train.teacher_train.trainer import lr_at
+
+    long = micro_config(Path("unused"), 100, optim={"warmup_steps": 10})
+    cut = micro_config(Path("unused"), 30, optim={"warmup_steps": 10, "schedule_steps": 100})
+    assert [lr_at(s, cut) for s in range(30)] == [lr_at(s, long) for s in range(30)]
+    short = micro_config(Path("unused"), 30, optim={"warmup_steps": 10})
+    assert lr_at(29, short) < 0.01 * lr_at(29, cut)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(trained: Path, tmp_path: Path):
+    cfg = micro_config(tmp_path / "second", 3, model={"init_from": str(trained / "checkpoint.pt")})
+    with structlog.testing.capture_logs() as logs:
+        second = TeacherTrainer(cfg)
+    assert any(e["event"] == "teacher_init_from" for e in logs)
+    loaded = torch.load(trained / "checkpoint.pt", weights_only=True)["state_dict"]
+    mine = second.model.state_dict()
+    assert all(torch.equal(loaded[k], mine[k]) for k in loaded)
+    assert second.totals.step == 0  # a new run: its own optimiser, schedule and steps
+    fresh = TeacherTrainer(micro_config(tmp_path / "fresh", 3)).model.state_dict()
+    assert not all(torch.equal(fresh[k], mine[k]) for k in fresh)
+
+
+def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path: Path):
+    cfg = micro_config(tmp_path / "old", 3)
+    with structlog.testing.capture_logs():
+        TeacherTrainer(cfg).fit()
+    state = torch.load(tmp_path / "old" / "train_state.pt", weights_only=False)
+    for section, key in (
+        ("model", "init_from"),
+        ("data", "twin_scene"),
+        ("data", "twin_groups"),
+        ("optim", "schedule_steps"),
+    ):
+        del state["fingerprint"][section][key]  # as written before these settings were added
+    torch.save(state, tmp_path / "old" / "train_state.pt")
+    with structlog.testing.capture_logs() as logs:
+        TeacherTrainer(micro_config(tmp_path / "old", 5), resume=True).fit()  # extended: steps may change
+    assert [e["step"] for e in logs if e["event"] == "teacher_train_resumed"] == [3]
+    # pinning the schedule to what the run trained on (its 3 steps) is the same run; another is not
+    with structlog.testing.capture_logs():
+        TeacherTrainer(micro_config(tmp_path / "old", 6, optim={"schedule_steps": 5}), resume=True)
+    with pytest.raises(ConfigError, match="optim.schedule_steps"):
+        TeacherTrainer(micro_config(tmp_path / "old", 6, optim={"schedule_steps": 50}), resume=True)
+    with pytest.raises(ConfigError, match="data.twin_scene"):
+        TeacherTrainer(micro_config(tmp_path / "old", 6, data={"twin_scene": "same"}), resume=True)
+
+
+def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_path: Path):
+    from retrofit_agent.train.chain import Chain, ChainConfig
+
+    common = (
+        f'[model]\nname = "{MICRO}"\n[data]\nrender_size = [64, 64]\nworkers = 0\n'
+        "[eval]\nevery = 0\nscenes = 16\nrender_size = 64\n[run]\nlog_every = 1\n"
+    )
+    first, second = tmp_path / "first.toml", tmp_path / "second.toml"
+    first.write_text(common + "[optim]\nbatch_size = 8\nsteps = 3\nwarmup_steps = 1\nprecision = 'fp32'\n")
+    second.write_text(
+        common.replace("workers = 0", 'workers = 0\ntwins = 0.5\ntwin_scene = "same"\nworld_seed = 2')
+        + "[optim]\nbatch_size = 8\nsteps = 2\nwarmup_steps = 1\nprecision = 'fp32'\n"
+    )
+    cfg = ChainConfig.model_validate(
+        {
+            "teacher": {"config": str(second), "pretrain": {"config": str(first)}},
+            "distill": {"config": "models/configs/ci-student.toml"},
+        }
+    )
+    work = tmp_path / "work"
+    result = Chain(cfg, work, tmp_path / "bundle").run(until="teacher", start="teacher")["teacher"]
+    assert torch.load(work / "teacher-pretrain" / "checkpoint.pt", weights_only=True)["step"] == 3
+    main_cfg = json.loads((work / "teacher" / "config.json").read_text())
+    assert main_cfg["model"]["init_from"] == str(work / "teacher-pretrain" / "checkpoint.pt")
+    assert result["checkpoint"] == str(work / "teacher" / "checkpoint.pt")
+    assert set(result["pretrain_eval"]) == set(result["eval"])
+    # a changed first phase is a changed teacher
+    key = Chain(cfg, work, tmp_path / "bundle")._stage_key("teacher")
+    first.write_text(first.read_text().replace("steps = 3", "steps = 4"))
+    assert Chain(cfg, work, tmp_path / "bundle")._stage_key("teacher") != key
+
+
 def _model_cli(*args: str) -> subprocess.CompletedProcess:
     code = "import sys\nfrom retrofit_agent.train.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -222,6 +360,12 @@ def _model_cli(*args: str) -> subprocess.CompletedProcess:
         (["--steps", "0"], "optim.steps: Input should be greater than or equal to 1"),
         (["--set", "data.render_size=[16,64]"], "data.render_size must be [min, max]"),
         (["--set", "eval.world_seed=1"], "eval.world_seed must differ from data.world_seed"),
+        (["--set", 'data.twin_groups=["lanes"]'], "data.twin_groups: no group 'lanes'"),
+        (["--set", "data.twin_scene=mirror"], "data.twin_scene: Input should be 'other' or 'same'"),
+        (
+            ["--set", "model.init_from=/nonexistent/checkpoint.pt"],
+            "model.init_from: no such checkpoint: '/nonexistent/",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], expect: str):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retrofit_agent.contract.settings import load_settings
+from retrofit_agent.train.world.labels import RENDERABLE
 
 # The world numbers its scenes seed * 10_000_000 + index (world.dataset.scene_seed); a world
 # seed therefore owns ten million scenes, and two different world seeds never share one.
@@ -35,6 +36,18 @@ class ModelConfig(_Strict):
         min_length=1,
         description="open_clip model config in retrofit_agent/train/model_configs/ (file name without .json).",
     )
+    init_from: Path | None = Field(
+        None,
+        description="Start a new run from these weights (an open_clip checkpoint.pt of the same model, e.g. an "
+        "earlier phase's) instead of a seeded initialisation; open_clip_train's fine-tuning from --pretrained. "
+        "The optimiser, schedule and step count start afresh.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.init_from is not None and not self.init_from.is_file():
+            raise ValueError(f"model.init_from: no such checkpoint: {str(self.init_from)!r}")
+        return self
 
 
 class DataConfig(_Strict):
@@ -69,6 +82,18 @@ class DataConfig(_Strict):
         description="Fraction of each batch spent on hard negatives: scenes that copy another scene's labels "
         "except for one group, so the batch can only be told apart by that group.",
     )
+    twin_scene: Literal["other", "same"] = Field(
+        "other",
+        description="other: a twin is a different scene drawn with its base's labels but one; same: a twin is "
+        "its base's own scene (seed, camera, light, sensor, place) re-drawn with one group changed, a minimal "
+        "pair, and both captions name that group. Contrastive training learns the easy, picture-wide groups "
+        "first and can leave small objects at chance for good (feature suppression); a minimal pair can only "
+        "be told apart by the object.",
+    )
+    twin_groups: tuple[str, ...] = Field(
+        (),
+        description="Groups a twin may change (drawn uniformly); empty: any group the base can observe.",
+    )
 
 
 class OptimConfig(_Strict):
@@ -76,7 +101,17 @@ class OptimConfig(_Strict):
         128, ge=2, le=65536, description="Image-caption pairs per step (ClipLoss needs at least 2)."
     )
     steps: int = Field(
-        10000, ge=1, le=10_000_000, description="Optimiser steps of the whole run (the cosine schedule ends here)."
+        10000,
+        ge=1,
+        le=10_000_000,
+        description="Optimiser steps of the run (the cosine schedule ends here, unless schedule_steps says otherwise).",
+    )
+    schedule_steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Length of the warm-up + cosine schedule when it differs from steps: a run that stops early "
+        "on a longer schedule (a first phase cut where a second takes over) stays reproducible from its config.",
     )
     lr: float = Field(1e-3, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(300, ge=0, description="Linear warm-up steps before the cosine decay.")
@@ -164,6 +199,10 @@ class TeacherTrainConfig(_Strict):
             raise ValueError(
                 f"optim.steps x optim.batch_size must be <= {SCENES_PER_WORLD_SEED} (the scenes of one world seed)"
             )
+        if self.data.twin_groups:
+            unknown = [g for g in self.data.twin_groups if g not in RENDERABLE]
+            if unknown:
+                raise ValueError(f"data.twin_groups: no group {unknown[0]!r} (groups: {', '.join(RENDERABLE)})")
         if self.optim.warmup_steps >= self.optim.steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be below optim.steps ({self.optim.steps})"

@@ -14,13 +14,15 @@ set) instead of drawing a new scene for every sample.
 
 Hard negatives ("twins"): optionally the last ``twins * batch`` scenes of a batch copy the
 labels of an earlier scene of the batch but change one group's label, so only that group
-tells the pair apart.
+tells the pair apart. With ``data.twin_scene = "same"`` the pair is one scene drawn twice
+(:func:`minimal_pair`): the first ``twins * batch`` slots hold the first pictures, the last
+as many their twins.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ from retrofit_agent.train.world import (
     caption,
     encode_jpeg,
     render,
+    sample_conditions,
     sample_scene,
     scene_seed,
 )
@@ -56,20 +59,40 @@ class Picture:
     labels: dict[str, str | None]
 
 
-def picture(seed: int, side: int, space: LabelSpace, fixed: dict[str, str] | None = None) -> Picture:
+def picture(
+    seed: int, side: int, space: LabelSpace, fixed: Mapping[str, str] | None = None, mention: tuple[str, ...] = ()
+) -> Picture:
     scene = sample_scene(seed, side, side, space, fixed)
     truth = annotate(scene, space)
     jpeg = encode_jpeg(render(scene), scene.sensor.jpeg_quality)
     image = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
-    return Picture(seed, image, caption(scene, truth.labels, truth.boxes, space), truth.labels)
+    return Picture(seed, image, caption(scene, truth.labels, truth.boxes, space, mention), truth.labels)
 
 
-def _twin_labels(base: Picture, space: LabelSpace, rng: np.random.Generator) -> dict[str, str]:
-    """``base``'s observable labels with one group changed to another of its labels."""
-    fixed = {g: l for g, l in base.labels.items() if l is not None}
-    group = str(rng.choice(sorted(fixed)))
+def _twin_labels(
+    base: Mapping[str, str | None], space: LabelSpace, rng: np.random.Generator, groups: tuple[str, ...] = ()
+) -> tuple[dict[str, str], str]:
+    """``base``'s known labels with one group (of ``groups``, if given) changed to another of its labels."""
+    fixed = {g: l for g, l in base.items() if l is not None}
+    choices = sorted(g for g in fixed if g in space.groups and (not groups or g in groups))
+    if not choices:
+        raise WorldError("no group to change")
+    group = str(rng.choice(choices))
     fixed[group] = str(rng.choice([l for l in space.groups[group] if l != fixed[group]]))
-    return fixed
+    return fixed, group
+
+
+def minimal_pair(seed: int, side: int, space: LabelSpace, groups: tuple[str, ...] = ()) -> tuple[Picture, Picture]:
+    """Two pictures of scene ``seed`` that differ in one group's label, both captions naming it.
+
+    Every label is pinned for both, so the sampler spends no random draws on labels and the
+    road, camera, light, sensor and palette come out the same; only the placement of things
+    from the changed group on differs. Raises WorldError when the change cannot be drawn."""
+    rng = np.random.default_rng([seed, 23])
+    labels = sample_conditions(np.random.default_rng(seed), space, {})
+    changed, group = _twin_labels(labels, space, rng, groups)
+    base = {g: l for g, l in labels.items()}
+    return picture(seed, side, space, base, (group,)), picture(seed, side, space, changed, (group,))
 
 
 class WorldBatches(IterableDataset):
@@ -109,17 +132,29 @@ class WorldBatches(IterableDataset):
         b = self.batch_size
         n_twins = int(self.data.twins * b)
         pictures: list[Picture] = []
+        twins: dict[int, Picture] = {}  # twin_scene = "same": slot -> the pair's second picture
         for j in range(b):
             index = step * b + j
             seed = scene_seed(self.data.world_seed, index % self.data.cycle_scenes if self.data.cycle_scenes else index)
             rng = np.random.default_rng([seed, 17])
             lo, hi = self.data.render_size
             side = int(rng.integers(lo, hi + 1))
+            if self.data.twin_scene == "same" and j >= b - n_twins and j in twins:
+                pictures.append(twins.pop(j))
+                continue
+            if self.data.twin_scene == "same" and j < n_twins:
+                try:
+                    first, second = minimal_pair(seed, side, self.space, self.data.twin_groups)
+                    pictures.append(first)
+                    twins[j + b - n_twins] = second
+                    continue
+                except WorldError:
+                    pass  # a scene that cannot be changed so: this slot and its twin's get ordinary scenes
             fixed = None
-            if j >= b - n_twins:
+            if self.data.twin_scene == "other" and j >= b - n_twins:
                 for _ in range(8):  # a changed label can conflict (a parking lot in a tunnel): draw again
                     try:
-                        fixed = _twin_labels(pictures[j - (b - n_twins)], self.space, rng)
+                        fixed, _group = _twin_labels(pictures[j - (b - n_twins)].labels, self.space, rng)
                         pictures.append(picture(seed, side, self.space, fixed))
                         break
                     except WorldError:

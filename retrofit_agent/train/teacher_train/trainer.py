@@ -66,11 +66,12 @@ class Totals:
 
 
 def lr_at(step: int, cfg: TeacherTrainConfig) -> float:
-    """Linear warm-up to ``optim.lr``, then cosine to ``optim.lr * optim.min_lr_ratio``."""
+    """Linear warm-up to ``optim.lr``, then cosine to ``optim.lr * optim.min_lr_ratio`` at
+    ``optim.schedule_steps`` (default: ``optim.steps``)."""
     o = cfg.optim
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    t = (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps)
+    t = (step - o.warmup_steps) / max(1, (o.schedule_steps or o.steps) - o.warmup_steps)
     floor = o.lr * o.min_lr_ratio
     return floor + 0.5 * (o.lr - floor) * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -141,10 +142,14 @@ class TeacherTrainer:
         (self.out / CONFIG).write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2) + "\n")
         if not state_path.exists():
             (self.out / LOG).write_text("")
+            if self.cfg.model.init_from is not None:
+                self._init_from(self.cfg.model.init_from)
             log.info("teacher_train_started", out=str(self.out), model=self.cfg.model.name, steps=self.cfg.optim.steps)
             return
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         mine, theirs = self._comparable(self.cfg.fingerprint()), self._comparable(state["fingerprint"])
+        if self.cfg.optim.schedule_steps is None:  # extending the run: its cosine tail follows the new steps
+            mine.pop("optim.schedule_steps"), theirs.pop("optim.schedule_steps")
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError(
@@ -158,15 +163,43 @@ class TeacherTrainer:
         self._truncate_log(self.totals.step)
         log.info("teacher_train_resumed", out=str(self.out), step=self.totals.step, steps=self.cfg.optim.steps)
 
-    @staticmethod
-    def _comparable(fp: dict[str, Any]) -> dict[str, Any]:
-        """Flatten, leaving out optim.steps: a run may be extended (its cosine tail then changes)."""
+    def _init_from(self, path: Path) -> None:
+        """Load another run's weights (open_clip's checkpoint format) before the first step."""
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise ConfigError(f"model.init_from: cannot read {str(path)!r}: {e}") from None
+        state = ck.get("state_dict", ck) if isinstance(ck, dict) else None
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.init_from: {str(path)!r} holds no state_dict")
+        if isinstance(ck, dict) and ck.get("name") not in (None, self.cfg.model.name):
+            raise ConfigError(f"model.init_from: {str(path)!r} is a {ck['name']} checkpoint, not {self.cfg.model.name}")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"model.init_from: {str(path)!r} does not fit {self.cfg.model.name}: {first}") from None
+        log.info("teacher_init_from", path=str(path), step=ck.get("step") if isinstance(ck, dict) else None)
+
+    @classmethod
+    def _comparable(cls, fp: dict[str, Any]) -> dict[str, Any]:
+        """Flatten, leaving out optim.steps: a run may be extended (its cosine tail then changes).
+
+        Settings added to the config after a run started are absent from its stored
+        fingerprint; they count as their defaults, which is what that run trained with."""
         flat: dict[str, Any] = {}
+        defaults = TeacherTrainConfig().fingerprint()
+        for section, values in defaults.items():
+            if isinstance(values, dict):
+                flat.update({f"{section}.{k}": v for k, v in values.items()})
         for section, values in fp.items():
             if isinstance(values, dict):
-                flat.update({f"{section}.{k}": v for k, v in values.items() if f"{section}.{k}" != "optim.steps"})
+                flat.update({f"{section}.{k}": v for k, v in values.items()})
             else:
                 flat[section] = values
+        # The schedule's length: schedule_steps, or else steps, which may change between resumes.
+        flat["optim.schedule_steps"] = flat.get("optim.schedule_steps") or flat.pop("optim.steps", None)
+        flat.pop("optim.steps", None)
         return flat
 
     def _truncate_log(self, step: int) -> None:

@@ -29,7 +29,7 @@ from retrofit_agent.train.world.drive import (
 from retrofit_agent.train.world.labels import DEFAULT_PROMPTS, LabelSpace, WorldError, load_label_space
 from retrofit_agent.train.world.records import BoxRecord, FrameRecord, ImageRecord
 from retrofit_agent.train.world.render import encode_jpeg, render
-from retrofit_agent.train.world.sample import sample_scene
+from retrofit_agent.train.world.sample import sample_conditions, sample_scene
 from retrofit_agent.train.world.scene import SCENE_ADAPTER, Scene, Thing
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "parse_plan",
     "parse_segment",
     "render",
+    "sample_conditions",
     "sample_scene",
     "scene_seed",
     "write_clip",

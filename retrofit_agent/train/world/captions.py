@@ -13,6 +13,7 @@ never mentioned.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 
 import numpy as np
 
@@ -104,9 +105,17 @@ def phrases(space: LabelSpace, group: str, label: str, many: bool) -> list[str]:
 
 
 def caption(
-    scene: Scene, labels: dict[str, str | None], boxes: list[BoxRecord] | tuple[BoxRecord, ...], space: LabelSpace
+    scene: Scene,
+    labels: dict[str, str | None],
+    boxes: list[BoxRecord] | tuple[BoxRecord, ...],
+    space: LabelSpace,
+    mention: Collection[str] = (),
 ) -> str:
-    """One caption for a picture with these ground-truth ``labels`` and ``boxes``."""
+    """One caption for a picture with these ground-truth ``labels`` and ``boxes``.
+
+    Groups in ``mention`` are always named when their truth is known (the group a minimal
+    pair differs in); the random draws are the same either way, so two pictures of one
+    scene get the same wording for everything else."""
     rng = np.random.default_rng([scene.seed, 3])
     counts = Counter(b.group for b in boxes if b.legible)
     speed = next((t.number for t in scene.things if t.kind == "sign" and t.label == "speed_limit"), 50)
@@ -120,7 +129,7 @@ def caption(
         if label is None:
             continue
         empty = label == EMPTY.get(group) or (group == "scene" and label == "open_road")
-        if rng.random() >= (p_absent if empty else p_mention):
+        if rng.random() >= (p_absent if empty else p_mention) and group not in mention:
             continue
         many = counts.get(group, 0) > 1
         options = phrases(space, group, label, many)
