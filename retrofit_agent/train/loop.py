@@ -70,7 +70,9 @@ class Distiller:
             self.cache,
         )
         self.optim = build_optim(cfg.optim, cfg.discriminator, m, self.data.total_steps, self.precision, self.device)
-        self.heldout = HeldOut(self.data.val_set, m.teacher, cfg.data.batch_size, self.precision)
+        self.heldout = HeldOut(
+            self.data.val_set, m.teacher, cfg.data.batch_size, self.precision, dense=cfg.loss.dense > 0
+        )
 
     # ---- the parts, by name (tests, benchmarks)
 

@@ -290,8 +290,18 @@ def test_the_dense_term_is_logged_and_falls_with_training(tmp_path: Path, images
         optim={"max_steps": 40, "warmup_steps": 5},
         run={"log_every": 5, "eval_every": 1000, "checkpoint_every": 1000},
     )
-    Distiller(cfg).fit()
+    summary = Distiller(cfg).fit()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     dense = [m["loss_dense"] for m in lines if m.get("kind") == "train"]
     assert len(dense) == 8
     assert dense[-1] < 0.7 * dense[0], dense
+    # held out, on clean views: the cells move towards the teacher's patches, past a constant
+    first, last = summary["initial"], summary["final"]
+    print(
+        f"\n[dense] held-out cell cosine {first['heldout_cell_cosine']:.3f} -> {last['heldout_cell_cosine']:.3f} "
+        f"(constant {last['heldout_cell_cosine_constant_baseline']:.3f}); centred "
+        f"{first['heldout_cell_centred_cosine']:.3f} -> {last['heldout_cell_centred_cosine']:.3f}"
+    )
+    assert last["heldout_cell_cosine"] > first["heldout_cell_cosine"] + 0.2
+    assert last["heldout_cell_cosine"] > last["heldout_cell_cosine_constant_baseline"]
+    assert last["heldout_cell_centred_cosine"] > first["heldout_cell_centred_cosine"] + 0.2
