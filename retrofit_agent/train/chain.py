@@ -84,6 +84,9 @@ class ExportStage(_Strict):
     dense: bool = Field(
         True, description="Also export cell_embeddings (export --dense), so the bundle's daemon can give regions."
     )
+    input_size: int | None = Field(
+        None, ge=32, le=2048, description="Export at this square side (export --input-size); unset: the distilled one."
+    )
 
 
 class QuantizeStage(_Strict):
@@ -271,7 +274,9 @@ class Chain:
         fp32 = self.path("export", "student.fp32.onnx")
         images = self.path("world", "heldout", "images")
         argv = ["export", "--checkpoint", self.results["distill"]["student"], "--images", str(images)]
-        _model([*argv, "--out", str(fp32), *(["--dense"] if self.cfg.export.dense else [])])
+        e = self.cfg.export
+        size = ["--input-size", str(e.input_size)] if e.input_size else []
+        _model([*argv, "--out", str(fp32), *(["--dense"] if e.dense else []), *size])
         return {"fp32": str(fp32)}
 
     def _bank(self) -> dict[str, Any]:

@@ -161,6 +161,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     _stage("export", "loading the student", checkpoint=str(a.checkpoint))
     student, saved = load_student(a.checkpoint)
+    trained_at = student.input_size
+    if a.input_size is not None:
+        # The backbone is fully convolutional and the head follows global pooling, so the same
+        # weights run at any size: a student distilled at a low resolution on a CPU is exported
+        # at the camera's 300 (timm's train/test resolution split; measure that it holds).
+        student.input_size = (a.input_size, a.input_size)
     if a.dense:
         try:
             dense_spec(student)
@@ -181,8 +187,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     _stage("export", "parity check torch vs onnxruntime", images=str(a.images))
     diff = parity(student, a.out, frames, spec)
     cells = f" and cells ({'x'.join(map(str, student.cell_grid))} grid)" if a.dense else ""
+    size = "x".join(map(str, student.input_size))
+    if student.input_size != trained_at:
+        size += f" (trained at {'x'.join(map(str, trained_at))})"
     print(
-        f"exported {a.out}; parity torch vs onnxruntime fp32 on real images, embeddings{cells}: max |diff| "
+        f"exported {a.out} at {size}; parity torch vs onnxruntime fp32 on real images, embeddings{cells}: max |diff| "
         f"{diff:.2e} (limit 1e-4)"
     )
     if diff > 1e-4:
@@ -201,7 +210,24 @@ def add_export(sub) -> None:
         action="store_true",
         help="also export cell_embeddings (N, H', W', D): the head on every cell of the last feature map, for regions",
     )
+    p.add_argument(
+        "--input-size",
+        type=_input_size,
+        default=None,
+        help="square input side to export at (default: the side the student was distilled at); the student is "
+        "fully convolutional, so one distilled at 160 on a CPU can run at the camera's 300",
+    )
     p.set_defaults(func=cmd_export)
+
+
+def _input_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
+    if not 32 <= n <= 2048:
+        raise argparse.ArgumentTypeError(f"{n} is outside 32..2048 pixels")
+    return n
 
 
 # --------------------------------------------------------------------------- quantize

@@ -170,6 +170,19 @@ def test_cli_export_dense_writes_the_cells_and_refuses_a_backbone_without_a_map(
     assert "cells (2x2 grid)" in capsys.readouterr().out
     assert Embedder.from_onnx(tmp_path / "m.onnx").spec.dense == DenseOutputSpec(name=DENSE_NAME, grid=(2, 2))
 
+    # Exported at another size than it was distilled at (64 here): same weights, the input spec
+    # and the grid follow the new size, and parity is checked at it.
+    argv = ["export", "--checkpoint", str(cnn), "--images", str(images), "--out", str(tmp_path / "big.onnx")]
+    assert main([*argv, "--dense", "--input-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "at 128x128 (trained at 64x64)" in out and "cells (4x4 grid)" in out
+    big = Embedder.from_onnx(tmp_path / "big.onnx").spec
+    assert (big.input.height, big.input.width) == (128, 128) and big.dense.grid == (4, 4)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--input-size", "16"])
+    assert exit_.value.code == 2
+    assert "--input-size: 16 is outside 32..2048 pixels" in capsys.readouterr().err
+
     vit = _student_file(tmp_path / "vit.pt", "test_vit", dense["teacher"])
     argv = ["export", "--checkpoint", str(vit), "--images", str(images), "--out", str(tmp_path / "v.onnx"), "--dense"]
     assert main(argv) == 2
