@@ -73,11 +73,19 @@ class TeacherStage(TeacherPhase):
     )
 
 
-class DistillStage(_Strict):
+class DistillPhase(_Strict):
     config: Path = Field(
         description="distill recipe (TOML), relative to the repo; the chain sets the teacher, data and out_dir."
     )
     overrides: list[str] = Field(default_factory=list)
+
+
+class DistillStage(DistillPhase):
+    pretrain: DistillPhase | None = Field(
+        None,
+        description="A first phase, distilled into WORK/distill-pretrain (e.g. at a resolution the CPU affords); "
+        "the main recipe then starts from its student.pt (student.initial_checkpoint).",
+    )
 
 
 class ExportStage(_Strict):
@@ -198,7 +206,11 @@ class Chain:
                 _file_text(c.teacher.config),
                 _file_text(c.teacher.pretrain.config) if c.teacher.pretrain else "",
             ),
-            "distill": (c.distill, _file_text(c.distill.config)),
+            "distill": (
+                c.distill,
+                _file_text(c.distill.config),
+                _file_text(c.distill.pretrain.config) if c.distill.pretrain else "",
+            ),
             "export": c.export,
             "bank": str(c.prompts_file),
             "quantize": c.quantize,
@@ -253,22 +265,33 @@ class Chain:
         return {"model": name, "checkpoint": str(out / "checkpoint.pt"), "eval": _top1(report), **result}
 
     def _distill(self) -> dict[str, Any]:
-        d, teacher = self.cfg.distill, self.results["teacher"]
+        d = self.cfg.distill
         out = self.path("distill")
+        sets = list(d.overrides)
+        result: dict[str, Any] = {}
+        if d.pretrain is not None:
+            first = self.path("distill-pretrain")
+            self._distill_phase(d.pretrain, first)
+            sets.insert(0, f"student.initial_checkpoint={first / 'student.pt'}")
+            result["pretrain_metrics"] = _last_json(first / "metrics.jsonl")
+        self._distill_phase(DistillPhase(config=d.config, overrides=sets), out)
+        summary = _last_json(out / "metrics.jsonl")
+        return {"student": str(out / "student.pt"), "last_metrics": summary, **result}
+
+    def _distill_phase(self, phase: DistillPhase, out: Path) -> None:
+        teacher = self.results["teacher"]
         shards = self.results["world"]["shards"]
-        argv = ["distill", "--config", str(d.config), "--out", str(out), "--resume", "auto", "--no-progress"]
+        argv = ["distill", "--config", str(phase.config), "--out", str(out), "--resume", "auto", "--no-progress"]
         sets = [
             f"teacher.model={teacher['model']}",
             f"teacher.pretrained={teacher['checkpoint']}",
             f"data.train={json.dumps(shards)}",
             f"bank.prompts_file={self.cfg.prompts_file}",
-            *d.overrides,
+            *phase.overrides,
         ]
         for s in sets:
             argv += ["--set", s]
         _model(argv)
-        summary = _last_json(out / "metrics.jsonl")
-        return {"student": str(out / "student.pt"), "last_metrics": summary}
 
     def _export(self) -> dict[str, Any]:
         fp32 = self.path("export", "student.fp32.onnx")
@@ -427,7 +450,7 @@ def register(sub: Any) -> None:
         cfg = load_chain_config(a.config)
         for module in ("torch", "open_clip", "timm"):  # before the first stage, not after the world is drawn
             importlib.import_module(module)
-        pretrain = (cfg.teacher.pretrain.config,) if cfg.teacher.pretrain else ()
+        pretrain = tuple(p.config for p in (cfg.teacher.pretrain, cfg.distill.pretrain) if p is not None)
         for stage_file in (*pretrain, cfg.teacher.config, cfg.distill.config, cfg.prompts_file):
             if not stage_file.is_file():
                 raise ConfigError(f"{a.config}: no such file: {stage_file}")

@@ -55,27 +55,10 @@ def _images(folder: Path, count: int | None, what: str) -> list[np.ndarray]:
 
 def load_student(path: Path):
     """The Student saved by ``retrofit-model distill`` (``<run>/student.pt``), ready for export."""
-    import pickle
+    from retrofit_agent.train.student import Student, read_student_file
 
-    import torch
-
-    from retrofit_agent.train.student import Student
-
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        if isinstance(e, pickle.UnpicklingError):  # torch's message suggests weights_only=False: never here
-            reason = "not a weights-only PyTorch file"
-        else:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"--checkpoint: cannot load {path} ({reason}); is it a student.pt from a distill run?"
-        ) from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
-    arch, state = saved.get("architecture"), saved.get("student")
-    if not isinstance(arch, dict) or not isinstance(state, dict):
-        raise ConfigError(f"--checkpoint: {path} is not a student file from 'retrofit-model distill' (student.pt)")
+    saved = read_student_file(path, "--checkpoint")
+    arch, state = saved["architecture"], saved["student"]
     student = Student(
         arch["backbone"],
         embed_dim=int(arch["embed_dim"]),

@@ -81,6 +81,19 @@ class StudentConfig(_Strict):
         False,
         description="Recompute backbone activations in backward (timm set_grad_checkpointing): less memory, more compute.",
     )
+    initial_checkpoint: Path | None = Field(
+        None,
+        description="Start from another distill run's student.pt (backbone and head; timm train.py's "
+        "--initial-checkpoint) instead of timm's weights; its input size may differ (a phase at the camera's "
+        "300 px after one at a lower resolution). Optimiser, schedule and projectors start afresh; "
+        "'pretrained' is then not downloaded.",
+    )
+
+    @model_validator(mode="after")
+    def _check_initial(self) -> StudentConfig:
+        if self.initial_checkpoint is not None and not self.initial_checkpoint.is_file():
+            raise ValueError(f"student.initial_checkpoint: no such file: {str(self.initial_checkpoint)!r}")
+        return self
 
 
 class DataConfig(_Strict):

@@ -11,6 +11,7 @@ import time
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,7 +30,7 @@ from retrofit_agent.train.distributed import DistEnv
 from retrofit_agent.train.export import student_input_spec
 from retrofit_agent.train.losses import DistillLoss, SpatialShape, StudentOutput
 from retrofit_agent.train.projectors import Discriminator
-from retrofit_agent.train.student import Student
+from retrofit_agent.train.student import Student, read_student_file
 from retrofit_agent.train.targets import TeacherSide
 from retrofit_agent.train.teacher import Teacher
 from retrofit_agent.train.zeroshot import ZeroShotBank
@@ -131,12 +132,14 @@ def build_models(cfg: DistillConfig, env: DistEnv, device: torch.device) -> Mode
             c.student.backbone,
             teacher.embed_dim,
             c.student.hidden_dim,
-            c.student.pretrained,
+            c.student.pretrained and c.student.initial_checkpoint is None,
             c.student.drop_rate,
             c.student.input_size,
         )
     except (RuntimeError, OSError, ValueError) as e:
         raise ConfigError(f"student: cannot create timm model {c.student.backbone!r}: {e}") from None
+    if c.student.initial_checkpoint is not None:
+        load_initial_student(student, c.student.initial_checkpoint)
     student.set_grad_checkpointing(c.student.grad_checkpointing)
     if c.loss.dense > 0 and not student.has_cells:
         raise ConfigError(
@@ -164,6 +167,20 @@ def build_models(cfg: DistillConfig, env: DistEnv, device: torch.device) -> Mode
     bank = build_bank(teacher, c.bank)
     torch.manual_seed(c.run.seed * 1000 + env.rank)  # per-rank dropout/substitution streams
     return Models(teacher, student, loss, trainable, model, disc, bank)
+
+
+def load_initial_student(student: Student, path: Path) -> None:
+    """Backbone and head weights from a distill run's ``student.pt``; its architecture must match
+    ``student``'s except the input size (the network is fully convolutional)."""
+    saved = read_student_file(path, "student.initial_checkpoint")
+    arch, state = saved["architecture"], saved["student"]
+    mine = {k: v for k, v in student.describe().items() if k != "input_size"}
+    theirs = {k: arch.get(k) for k in mine}
+    if mine != theirs:
+        diff = ", ".join(f"{k} {theirs[k]!r} (this run: {mine[k]!r})" for k in mine if mine[k] != theirs[k])
+        raise ConfigError(f"student.initial_checkpoint: {str(path)!r} has {diff}")
+    student.load_state_dict({k: v for k, v in state.items() if k.startswith(("backbone.", "head."))})
+    log.info("student_initial_checkpoint", path=str(path), steps=saved.get("steps"), trained_at=arch.get("input_size"))
 
 
 def build_bank(teacher: Teacher, cfg: BankConfig) -> ZeroShotBank | None:

@@ -9,9 +9,14 @@ from one backbone pass; they are what ``retrofit-model export --dense`` writes a
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import timm
 import torch
 from torch import nn
+
+from retrofit_agent.contract.errors import ConfigError
 
 
 class ProjectionHead(nn.Module):
@@ -158,3 +163,25 @@ class Student(nn.Module):
             "hidden_dim": self.head.net[0].out_features,
             "input_size": self.input_size[0],
         }
+
+
+def read_student_file(path: Path, label: str) -> dict[str, Any]:
+    """A ``student.pt`` written by ``retrofit-model distill``: its ``architecture`` and ``student``
+    state dict (and the run's other records); a one-line ConfigError naming ``label`` otherwise."""
+    import pickle
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        if isinstance(e, pickle.UnpicklingError):  # torch's message suggests weights_only=False: never here
+            reason = "not a weights-only PyTorch file"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{label}: cannot load {path} ({reason}); is it a student.pt from a distill run?") from None
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("architecture"), dict)
+        or not isinstance(saved.get("student"), dict)
+    ):
+        raise ConfigError(f"{label}: {path} is not a student file from 'retrofit-model distill' (student.pt)")
+    return saved

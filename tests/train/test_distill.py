@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from retrofit_agent.contract.errors import ConfigError  # noqa: E402
 from retrofit_agent.train.engine import Distiller  # noqa: E402
 from train_helpers import REPO, TINY, fresh_logging, images, tiny_config  # noqa: E402,F401  (fixtures)
 
@@ -305,3 +306,42 @@ def test_the_dense_term_is_logged_and_falls_with_training(tmp_path: Path, images
     assert last["heldout_cell_cosine"] > first["heldout_cell_cosine"] + 0.2
     assert last["heldout_cell_cosine"] > last["heldout_cell_cosine_constant_baseline"]
     assert last["heldout_cell_centred_cosine"] > first["heldout_cell_centred_cosine"] + 0.2
+
+
+def test_a_second_phase_starts_from_the_first_phases_student_at_another_size(tmp_path: Path, images: Path):
+    """student.initial_checkpoint: the held-out figures the second phase starts from are the
+    first phase's own (same weights, same held-out pictures), at the new input size too; a
+    student of another architecture is refused with one line."""
+    from retrofit_agent.train.engine import Distiller
+
+    common = {
+        "loss": {"pca_attention": 0.0, "pca_value": 0.0, "gl": 0.0, "adversarial": 0.0, "affinity": 0.0},
+        "data": {"max_images": 48, "holdout": 8, "batch_size": 8},
+        "optim": {"max_steps": 6, "warmup_steps": 1},
+        "run": {"log_every": 3, "eval_every": 1000, "checkpoint_every": 1000},
+    }
+    first = Distiller(tiny_config(tmp_path / "first", [str(images)], student={"input_size": 64}, **common)).fit()
+    student_pt = tmp_path / "first" / "student.pt"
+    again = tiny_config(
+        tmp_path / "again", [str(images)], student={"input_size": 64, "initial_checkpoint": str(student_pt)}, **common
+    )
+    second = Distiller(again).fit()
+    assert second["initial"]["heldout_cosine"] == pytest.approx(first["final"]["heldout_cosine"], abs=1e-5)
+    bigger = tiny_config(
+        tmp_path / "bigger", [str(images)], student={"input_size": 96, "initial_checkpoint": str(student_pt)}, **common
+    )
+    big = Distiller(bigger)
+    assert big.student.input_size == (96, 96)
+    saved = torch.load(student_pt, weights_only=True)["student"]
+    assert all(torch.equal(v, big.student.state_dict()[k]) for k, v in saved.items() if k.startswith("backbone."))
+    with pytest.raises(ConfigError, match=r"student.initial_checkpoint: .* has hidden_dim 128 \(this run: 64\)"):
+        Distiller(
+            tiny_config(
+                tmp_path / "other",
+                [str(images)],
+                student={"hidden_dim": 64, "initial_checkpoint": str(student_pt)},
+                **common,
+            )
+        )
+    with pytest.raises(ConfigError, match="student.initial_checkpoint: no such file"):
+        tiny_config(tmp_path / "x", [str(images)], student={"initial_checkpoint": str(tmp_path / "none.pt")})
