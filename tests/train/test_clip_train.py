@@ -40,7 +40,7 @@ def micro_config(out: Path, steps: int, **sections: dict):
         "run": {"out_dir": str(out), "log_every": 1, "threads": 1},
     }
     for name, values in sections.items():
-        tree[name] = {**tree[name], **values}
+        tree[name] = {**tree.get(name, {}), **values}
     return load_teacher_train_config(None, tree)
 
 
@@ -315,6 +315,42 @@ def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path: Path):
         TeacherTrainer(micro_config(tmp_path / "old", 6, data={"twin_scene": "same"}), resume=True)
 
 
+def test_the_label_head_reads_the_embedding_skips_unknown_truth_and_stays_out_of_the_checkpoint(tmp_path: Path):
+    from retrofit_agent.train.teacher_train.trainer import LabelHead
+
+    head = LabelHead(4, {"pedestrians": ("present", "absent"), "vehicles": ("car", "bus", "none")})
+    feats = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    with torch.no_grad():
+        logits = head.linear(feats * head.scale)
+    truth = [{"pedestrians": "present", "vehicles": None}, {"pedestrians": None, "vehicles": "bus"}, {}]
+    want = (
+        torch.nn.functional.cross_entropy(logits[:1, :2], torch.tensor([0]))
+        + torch.nn.functional.cross_entropy(logits[1:2, 2:], torch.tensor([1]))
+    ) / 2
+    assert float(head.loss(feats, truth).detach()) == pytest.approx(float(want), rel=1e-6)
+    assert float(head.loss(feats, [{}, {}, {}])) == 0.0
+
+    cfg = micro_config(
+        tmp_path / "run",
+        12,
+        data={"cycle_scenes": 16},
+        labels={"weight": 1.0, "groups": ["pedestrians", "vehicles"]},
+        run={"log_every": 4},
+    )
+    with structlog.testing.capture_logs():
+        trainer = TeacherTrainer(cfg)
+        trainer.fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    parts = [r["loss_labels"] for r in lines if "loss_labels" in r]
+    assert len(parts) == 3 and parts[-1] < parts[0], parts
+    assert set(trainer.label_head.groups) == {"pedestrians", "vehicles"}
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert not any("linear" in k for k in saved)  # open_clip's format: the model alone
+    Teacher(MICRO, pretrained=str(tmp_path / "run" / "checkpoint.pt"))  # and it loads as one
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    assert torch.equal(state["label_head"]["linear.weight"], trainer.label_head.linear.weight.detach())
+
+
 def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_path: Path):
     from retrofit_agent.train.chain import Chain, ChainConfig
 
@@ -362,6 +398,7 @@ def _model_cli(*args: str) -> subprocess.CompletedProcess:
         (["--set", "eval.world_seed=1"], "eval.world_seed must differ from data.world_seed"),
         (["--set", 'data.twin_groups=["lanes"]'], "data.twin_groups: no group 'lanes'"),
         (["--set", "data.twin_scene=mirror"], "data.twin_scene: Input should be 'other' or 'same'"),
+        (["--set", 'labels.groups=["wheels"]'], "labels.groups: no group 'wheels'"),
         (
             ["--set", "model.init_from=/nonexistent/checkpoint.pt"],
             "model.init_from: no such checkpoint: '/nonexistent/",

@@ -96,6 +96,18 @@ class DataConfig(_Strict):
     )
 
 
+class LabelsConfig(_Strict):
+    weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Weight of a label loss beside the contrastive one: a linear head on the image embedding, "
+        "one softmax cross-entropy per group against the world's ground truth (0: captions alone). It trains "
+        "the image tower only through the embedding the camera uses; the head is not part of the checkpoint.",
+    )
+    groups: tuple[str, ...] = Field((), description="Groups the label head reads; empty: every group.")
+
+
 class OptimConfig(_Strict):
     batch_size: int = Field(
         128, ge=2, le=65536, description="Image-caption pairs per step (ClipLoss needs at least 2)."
@@ -180,6 +192,7 @@ class TeacherTrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
@@ -203,6 +216,9 @@ class TeacherTrainConfig(_Strict):
             unknown = [g for g in self.data.twin_groups if g not in RENDERABLE]
             if unknown:
                 raise ValueError(f"data.twin_groups: no group {unknown[0]!r} (groups: {', '.join(RENDERABLE)})")
+        unknown = [g for g in self.labels.groups if g not in RENDERABLE]
+        if unknown:
+            raise ValueError(f"labels.groups: no group {unknown[0]!r} (groups: {', '.join(RENDERABLE)})")
         if self.optim.warmup_steps >= self.optim.steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be below optim.steps ({self.optim.steps})"

@@ -89,6 +89,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+class LabelHead(torch.nn.Module):
+    """A linear read-out of the image embedding, one softmax per label group, trained beside
+    the contrastive loss (``[labels] weight``).
+
+    Contrastive training can settle where a small object's features are absent from the image
+    embedding and its words are merged in the text tower (the world teacher's first phase:
+    "a bus" and "a truck" encode to cosine 1.000, and the image side cannot tell a minimal pair
+    apart), and there neither side's gradient is larger than the other's difference. The
+    world's ground truth moves the image side off that point; the contrastive loss then has a
+    difference to align the text with. The head reads the unit embedding the bank is scored
+    against, so whatever it teaches is in the space zero-shot uses; it is not saved in
+    checkpoint.pt (open_clip's format), only in train_state.pt.
+    """
+
+    def __init__(self, dim: int, groups: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.groups = groups
+        self.linear = torch.nn.Linear(dim, sum(len(v) for v in groups.values()))
+        self.scale = 10.0  # unit embeddings: logits of a usable range from the start
+
+    @classmethod
+    def build(cls, cfg: TeacherTrainConfig, space: LabelSpace, model: torch.nn.Module) -> LabelHead:
+        names = cfg.labels.groups or tuple(space.groups)
+        return cls(int(model.visual.output_dim), {g: space.groups[g] for g in names if g in space.groups})
+
+    def loss(self, image_features: torch.Tensor, labels: list[dict[str, str | None]]) -> torch.Tensor:
+        """Mean over groups of the cross-entropy over pictures whose truth for the group is known."""
+        logits = self.linear(image_features * self.scale)
+        out, start, n = image_features.new_zeros(()), 0, 0
+        for group, names in self.groups.items():
+            target = torch.tensor([names.index(t[group]) if t.get(group) in names else -100 for t in labels])
+            if (target >= 0).any():
+                out = out + torch.nn.functional.cross_entropy(logits[:, start : start + len(names)], target)
+                n += 1
+            start += len(names)
+        return out / max(1, n)
+
+
 def build_model(name: str, seed: int) -> torch.nn.Module:
     register_local_configs()
     torch.manual_seed(seed)
@@ -122,8 +160,10 @@ class TeacherTrainer:
         self.model = build_model(cfg.model.name, cfg.run.seed)
         self.tokenizer = open_clip.get_tokenizer(cfg.model.name)
         self.spec = teacher_view(self.model)
+        self.label_head = LabelHead.build(cfg, self.space, self.model) if cfg.labels.weight > 0 else None
+        trainable = torch.nn.ModuleList([self.model] + ([self.label_head] if self.label_head is not None else []))
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+            param_groups(trainable, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
         )
         self.loss = ClipLoss()
         self.totals = Totals()
@@ -157,6 +197,8 @@ class TeacherTrainer:
                 "(resume with the same settings, or start a new --out)"
             )
         self.model.load_state_dict(state["model"])
+        if self.label_head is not None:
+            self.label_head.load_state_dict(state["label_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         self.totals = Totals(**state["totals"])
@@ -220,6 +262,7 @@ class TeacherTrainer:
         _atomic_save(
             {
                 "model": self.model.state_dict(),
+                "label_head": self.label_head.state_dict() if self.label_head is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "rng": _rng_state(),
                 "totals": asdict(self.totals),
@@ -248,33 +291,45 @@ class TeacherTrainer:
             multiprocessing_context="spawn" if d.workers else None,
         )
 
-    def step(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> dict[str, float]:
-        """One optimiser step; returns the loss parts (ClipLoss's contrastive loss) as floats."""
+    def step(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        lr: float,
+        labels: list[dict[str, str | None]] | None = None,
+    ) -> dict[str, float]:
+        """One optimiser step; returns the loss parts (ClipLoss's contrastive loss, and the label
+        head's cross-entropy when ``labels.weight`` > 0) as floats."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        parts: dict[str, torch.Tensor] = {}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.optim.precision == "amp_bf16"):
             image_features, text_features, logit_scale = self.model(images, tokens)[:3]
-            loss = self.loss(image_features, text_features, logit_scale)
+            parts["contrastive"] = self.loss(image_features, text_features, logit_scale)
+        if self.label_head is not None and labels is not None:
+            parts["labels"] = self.label_head.loss(image_features.float(), labels)
+        loss = parts["contrastive"] + self.cfg.labels.weight * parts.get("labels", 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm, norm_type=2.0)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad_norm, norm_type=2.0)
         self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return {"contrastive": float(loss.detach())}
+        return {name: float(value.detach()) for name, value in parts.items()}
 
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.totals
         self.model.train()
         last_save = time.monotonic()
-        window = {"t": time.monotonic(), "samples": 0, "loss": 0.0, "n": 0}
+        window = {"t": time.monotonic(), "samples": 0, "loss": 0.0, "labels": 0.0, "n": 0}
         session_wall0, session_cpu0, session_render = time.monotonic(), time.process_time(), 0.0
         base_wall, base_cpu = t.wall_s, t.cpu_s
         workers = cfg.data.workers > 0
         for batch in self._loader():
             lr = lr_at(t.step, cfg)
-            parts = self.step(batch["images"], batch["tokens"], lr)
+            parts = self.step(batch["images"], batch["tokens"], lr, batch["labels"])
             t.step += 1
             t.samples += len(batch["images"])
             render = float(batch["render_cpu_s"]) if workers else 0.0  # in-process renders are already in process_time
@@ -283,6 +338,7 @@ class TeacherTrainer:
             t.cpu_s = base_cpu + time.process_time() - session_cpu0 + session_render
             window["samples"] += len(batch["images"])
             window["loss"] += parts["contrastive"]
+            window["labels"] += parts.get("labels", 0.0)
             window["n"] += 1
             if t.step % cfg.run.log_every == 0 or t.step == cfg.optim.steps:
                 now = time.monotonic()
@@ -290,6 +346,9 @@ class TeacherTrainer:
                     "step": t.step,
                     "samples": t.samples,
                     "loss": round(window["loss"] / window["n"], 5),
+                    **(
+                        {"loss_labels": round(window["labels"] / window["n"], 5)} if self.label_head is not None else {}
+                    ),
                     "lr": lr,
                     "logit_scale": round(float(self.model.logit_scale.detach().exp()), 3),
                     "img_per_s": round(window["samples"] / max(1e-9, now - window["t"]), 2),
@@ -298,7 +357,7 @@ class TeacherTrainer:
                 }
                 self._log(record)
                 log.info("teacher_train_step", **record)
-                window = {"t": now, "samples": 0, "loss": 0.0, "n": 0}
+                window = {"t": now, "samples": 0, "loss": 0.0, "labels": 0.0, "n": 0}
             if cfg.eval.every and t.step % cfg.eval.every == 0 and t.step < cfg.optim.steps:
                 self._quick_eval()
             if time.monotonic() - last_save >= cfg.run.checkpoint_every_s or t.step == cfg.optim.steps:
