@@ -351,6 +351,22 @@ def test_the_label_head_reads_the_embedding_skips_unknown_truth_and_stays_out_of
     assert torch.equal(state["label_head"]["linear.weight"], trainer.label_head.linear.weight.detach())
 
 
+def test_a_finished_run_resumed_again_keeps_its_report_unless_the_held_out_set_changes(tmp_path: Path):
+    out = tmp_path / "run"
+    args = ["teacher-train", "--out", str(out), "--steps", "3", "--resume", "--set", f"model.name={MICRO}"]
+    for kv in ("data.render_size=[64,64]", "data.workers=0", "optim.batch_size=8", "optim.warmup_steps=1"):
+        args += ["--set", kv]
+    args += ["--set", "eval.every=0", "--set", "eval.render_size=64"]
+    assert main([*args, "--set", "eval.scenes=8"]) == 0
+    report = out / "eval.json"
+    first, stamp = json.loads(report.read_text()), report.stat().st_mtime_ns
+    assert first["step"] == 3 and first["scenes"] == 8
+    assert main([*args, "--set", "eval.scenes=8"]) == 0  # the chain's rerun: nothing to train, nothing to score
+    assert report.stat().st_mtime_ns == stamp
+    assert main([*args, "--set", "eval.scenes=10"]) == 0
+    assert json.loads(report.read_text())["scenes"] == 10
+
+
 def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_path: Path):
     from retrofit_agent.train.chain import Chain, ChainConfig
 

@@ -105,8 +105,13 @@ def _run(args: argparse.Namespace) -> int:
     from retrofit_agent.train.teacher_train.zeroshot_eval import report_table
 
     summary = TeacherTrainer(cfg, resume=args.resume).fit()
-    report = evaluate_checkpoint(cfg, Path(summary["checkpoint"]))
-    (cfg.run.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    done = cfg.run.out_dir / "eval.json"
+    report = json.loads(done.read_text()) if done.is_file() else {}
+    # A finished run resumed again (the chain does, session after session) keeps its report:
+    # the same weights on the same held-out scenes give the same figures.
+    if (report.get("step"), report.get("scenes")) != (summary["step"], cfg.eval.scenes):
+        report = evaluate_checkpoint(cfg, Path(summary["checkpoint"]))
+        done.write_text(json.dumps(report, indent=2) + "\n")
     sys.stdout.write(json.dumps(summary) + "\n" + report_table(report) + "\n")
     return 0
 

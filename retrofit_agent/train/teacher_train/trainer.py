@@ -408,9 +408,11 @@ def evaluate_checkpoint(cfg: TeacherTrainConfig, checkpoint: Path, scenes: int |
     held = held_out(cfg.eval, space, teacher.input_spec(), scenes or cfg.eval.scenes)
     emb = embed_images(teacher.model.encode_image, held.images)
     report = zero_shot_report(emb, teacher, teacher.logit_scale, load_prompts(cfg.data.prompts_file), held)
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("step")
     report.update(
         {
             "checkpoint": str(checkpoint),
+            "step": step,
             "model": cfg.model.name,
             "eval_world_seed": cfg.eval.world_seed,
             "render_size": cfg.eval.render_size,
