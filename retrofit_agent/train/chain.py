@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,11 @@ class TeacherPhase(_Strict):
 
 
 class TeacherStage(TeacherPhase):
-    pretrain: TeacherPhase | None = Field(
-        None,
-        description="A first phase, trained into WORK/teacher-pretrain; the main recipe then starts from its "
-        "weights (model.init_from), as open_clip_train fine-tunes from --pretrained.",
+    pretrain: list[TeacherPhase] = Field(
+        default_factory=list,
+        description="Earlier phases, in order, trained into WORK/teacher-pretrain, WORK/teacher-pretrain-2, ...; "
+        "each starts from the previous one's weights and the main recipe from the last's (model.init_from), as "
+        "open_clip_train fine-tunes from --pretrained.",
     )
 
 
@@ -81,9 +82,10 @@ class DistillPhase(_Strict):
 
 
 class DistillStage(DistillPhase):
-    pretrain: DistillPhase | None = Field(
-        None,
-        description="A first phase, distilled into WORK/distill-pretrain (e.g. at a resolution the CPU affords); "
+    pretrain: list[DistillPhase] = Field(
+        default_factory=list,
+        description="Earlier phases, in order, distilled into WORK/distill-pretrain, -2, ... (e.g. at a resolution "
+        "the CPU affords), each from the previous one's student.pt; "
         "the main recipe then starts from its student.pt (student.initial_checkpoint).",
     )
 
@@ -204,12 +206,12 @@ class Chain:
             "teacher": (
                 c.teacher,
                 _file_text(c.teacher.config),
-                _file_text(c.teacher.pretrain.config) if c.teacher.pretrain else "",
+                [_file_text(p.config) for p in c.teacher.pretrain],
             ),
             "distill": (
                 c.distill,
                 _file_text(c.distill.config),
-                _file_text(c.distill.pretrain.config) if c.distill.pretrain else "",
+                [_file_text(p.config) for p in c.distill.pretrain],
             ),
             "export": c.export,
             "bank": str(c.prompts_file),
@@ -249,34 +251,54 @@ class Chain:
         _model(argv)
         return {"clip": str(clip), "truth": str(clip.with_suffix(".jsonl"))}
 
+    def _phases(
+        self,
+        stage: str,
+        main: TeacherPhase | DistillPhase,
+        earlier: Sequence[TeacherPhase | DistillPhase],
+        init_key: str,
+        weights: str,
+        run: Callable[[Path, Path, list[str]], None],
+    ) -> list[Path]:
+        """Run the ``earlier`` phases into WORK/<stage>-pretrain, -pretrain-2, ..., each from the
+        previous one's ``weights`` file (``--set <init_key>=...``), then ``main`` into
+        WORK/<stage> from the last; returns the earlier phases' directories."""
+        dirs: list[Path] = []
+        for i, phase in enumerate([*earlier, main]):
+            here = self.path(stage if phase is main else f"{stage}-pretrain" + (f"-{i + 1}" if i else ""))
+            init = [f"{init_key}={dirs[-1] / weights}"] if dirs else []
+            run(phase.config, here, [*init, *phase.overrides])
+            if phase is not main:
+                dirs.append(here)
+        return dirs
+
     def _teacher(self) -> dict[str, Any]:
         t = self.cfg.teacher
         out = self.path("teacher")
-        sets = list(t.overrides)
-        result: dict[str, Any] = {}
-        if t.pretrain is not None:
-            first = self.path("teacher-pretrain")
-            _teacher_train(t.pretrain, first)
-            sets.insert(0, f"model.init_from={first / 'checkpoint.pt'}")
-            result["pretrain_eval"] = _top1(json.loads((first / "eval.json").read_text()))
-        _teacher_train(TeacherPhase(config=t.config, overrides=sets), out)
+
+        def run(config: Path, here: Path, sets: list[str]) -> None:
+            _teacher_train(TeacherPhase(config=config, overrides=sets), here)
+
+        earlier = self._phases("teacher", t, t.pretrain, "model.init_from", "checkpoint.pt", run)
         report = json.loads((out / "eval.json").read_text())
         name = json.loads((out / "config.json").read_text())["model"]["name"]
-        return {"model": name, "checkpoint": str(out / "checkpoint.pt"), "eval": _top1(report), **result}
+        result = {"model": name, "checkpoint": str(out / "checkpoint.pt"), "eval": _top1(report)}
+        if earlier:
+            result["pretrain_eval"] = [_top1(json.loads((d / "eval.json").read_text())) for d in earlier]
+        return result
 
     def _distill(self) -> dict[str, Any]:
         d = self.cfg.distill
         out = self.path("distill")
-        sets = list(d.overrides)
-        result: dict[str, Any] = {}
-        if d.pretrain is not None:
-            first = self.path("distill-pretrain")
-            self._distill_phase(d.pretrain, first)
-            sets.insert(0, f"student.initial_checkpoint={first / 'student.pt'}")
-            result["pretrain_metrics"] = _last_json(first / "metrics.jsonl")
-        self._distill_phase(DistillPhase(config=d.config, overrides=sets), out)
-        summary = _last_json(out / "metrics.jsonl")
-        return {"student": str(out / "student.pt"), "last_metrics": summary, **result}
+
+        def run(config: Path, here: Path, sets: list[str]) -> None:
+            self._distill_phase(DistillPhase(config=config, overrides=sets), here)
+
+        earlier = self._phases("distill", d, d.pretrain, "student.initial_checkpoint", "student.pt", run)
+        result = {"student": str(out / "student.pt"), "last_metrics": _last_json(out / "metrics.jsonl")}
+        if earlier:
+            result["pretrain_metrics"] = [_last_json(e / "metrics.jsonl") for e in earlier]
+        return result
 
     def _distill_phase(self, phase: DistillPhase, out: Path) -> None:
         teacher = self.results["teacher"]
@@ -450,7 +472,7 @@ def register(sub: Any) -> None:
         cfg = load_chain_config(a.config)
         for module in ("torch", "open_clip", "timm"):  # before the first stage, not after the world is drawn
             importlib.import_module(module)
-        pretrain = tuple(p.config for p in (cfg.teacher.pretrain, cfg.distill.pretrain) if p is not None)
+        pretrain = tuple(p.config for p in (*cfg.teacher.pretrain, *cfg.distill.pretrain))
         for stage_file in (*pretrain, cfg.teacher.config, cfg.distill.config, cfg.prompts_file):
             if not stage_file.is_file():
                 raise ConfigError(f"{a.config}: no such file: {stage_file}")

@@ -382,7 +382,7 @@ def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_pa
     )
     cfg = ChainConfig.model_validate(
         {
-            "teacher": {"config": str(second), "pretrain": {"config": str(first)}},
+            "teacher": {"config": str(second), "pretrain": [{"config": str(first)}]},
             "distill": {"config": "models/configs/ci-student.toml"},
         }
     )
@@ -392,11 +392,57 @@ def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_pa
     main_cfg = json.loads((work / "teacher" / "config.json").read_text())
     assert main_cfg["model"]["init_from"] == str(work / "teacher-pretrain" / "checkpoint.pt")
     assert result["checkpoint"] == str(work / "teacher" / "checkpoint.pt")
-    assert set(result["pretrain_eval"]) == set(result["eval"])
+    assert [set(e) for e in result["pretrain_eval"]] == [set(result["eval"])]
     # a changed first phase is a changed teacher
     key = Chain(cfg, work, tmp_path / "bundle")._stage_key("teacher")
     first.write_text(first.read_text().replace("steps = 3", "steps = 4"))
     assert Chain(cfg, work, tmp_path / "bundle")._stage_key("teacher") != key
+
+
+def test_the_chain_distils_in_phases_each_from_the_last_student(tmp_path: Path, trained: Path, monkeypatch):
+    from retrofit_agent.train.chain import Chain, ChainConfig
+
+    world = tmp_path / "world"
+    assert main(["world", "images", "--count", "24", "--out", str(world), "--size", "64x64", "--shard-size", "12"]) == 0
+    phase = (
+        '[student]\nbackbone = "test_efficientnet"\npretrained = false\nhidden_dim = 32\ninput_size = {size}\n'
+        "[data]\nholdout = 4\nbatch_size = 8\nworkers = 0\n"
+        "[loss]\npca_attention = 0.0\npca_value = 0.0\ngl = 0.0\nadversarial = 0.0\n"
+        "[optim]\nmax_steps = 2\nwarmup_steps = 1\n[run]\ndevice = 'cpu'\neval_every = 1000\n"
+    )
+    files = []
+    for i, size in enumerate((32, 48, 64)):
+        files.append(tmp_path / f"phase{i}.toml")
+        files[-1].write_text(phase.format(size=size))
+    cfg = ChainConfig.model_validate(
+        {
+            "teacher": {"config": "models/configs/ci-teacher.toml"},
+            "distill": {"config": str(files[2]), "pretrain": [{"config": str(files[0])}, {"config": str(files[1])}]},
+        }
+    )
+    chain = Chain(cfg, tmp_path / "work", tmp_path / "bundle")
+    chain.results["world"] = {"shards": sorted(str(p) for p in (world / "shards").glob("*.tar"))}
+    chain.results["teacher"] = {"model": MICRO, "checkpoint": str(trained / "checkpoint.pt")}
+    chain.keys.update(world="given", teacher="given")
+    import retrofit_agent.train.chain as chain_module
+
+    calls: list[list[str]] = []
+    real = chain_module._model
+    monkeypatch.setattr(chain_module, "_model", lambda argv: (calls.append(argv), real(argv))[1])
+    result = chain.run(until="distill", start="distill")["distill"]
+    work = tmp_path / "work"
+    sizes = [
+        torch.load(d / "student.pt", weights_only=True)["architecture"]["input_size"]
+        for d in (work / "distill-pretrain", work / "distill-pretrain-2", work / "distill")
+    ]
+    assert sizes == [32, 48, 64] and len(result["pretrain_metrics"]) == 2
+    # each later phase was started from the one before
+    starts = [[a for a in argv if a.startswith("student.initial_checkpoint=")] for argv in calls]
+    assert starts == [
+        [],
+        [f"student.initial_checkpoint={work / 'distill-pretrain' / 'student.pt'}"],
+        [f"student.initial_checkpoint={work / 'distill-pretrain-2' / 'student.pt'}"],
+    ]
 
 
 def _model_cli(*args: str) -> subprocess.CompletedProcess:

@@ -27,12 +27,11 @@ def test_a_shipped_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch):
         from retrofit_agent.train.chain import load_chain_config
 
         cfg = load_chain_config(path)
-        phases = [cfg.teacher, cfg.teacher.pretrain, cfg.distill, cfg.distill.pretrain]
-        for phase in [p for p in phases if p is not None]:
-            assert (REPO / phase.config).is_file(), phase.config
-            assert _kind(REPO / phase.config) == (
-                "teacher" if phase in (cfg.teacher, cfg.teacher.pretrain) else "distill"
-            )
+        teacher, distill = [cfg.teacher, *cfg.teacher.pretrain], [cfg.distill, *cfg.distill.pretrain]
+        for kind, phases in (("teacher", teacher), ("distill", distill)):
+            for phase in phases:
+                assert (REPO / phase.config).is_file(), phase.config
+                assert _kind(REPO / phase.config) == kind, phase.config
     elif _kind(path) == "teacher":
         from retrofit_agent.train.teacher_train.config import load_teacher_train_config
 
