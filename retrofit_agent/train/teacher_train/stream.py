@@ -91,8 +91,7 @@ def minimal_pair(seed: int, side: int, space: LabelSpace, groups: tuple[str, ...
     rng = np.random.default_rng([seed, 23])
     labels = sample_conditions(np.random.default_rng(seed), space, {})
     changed, group = _twin_labels(labels, space, rng, groups)
-    base = {g: l for g, l in labels.items()}
-    return picture(seed, side, space, base, (group,)), picture(seed, side, space, changed, (group,))
+    return picture(seed, side, space, labels, (group,)), picture(seed, side, space, changed, (group,))
 
 
 class WorldBatches(IterableDataset):
@@ -139,7 +138,7 @@ class WorldBatches(IterableDataset):
             rng = np.random.default_rng([seed, 17])
             lo, hi = self.data.render_size
             side = int(rng.integers(lo, hi + 1))
-            if self.data.twin_scene == "same" and j >= b - n_twins and j in twins:
+            if j in twins:  # the second picture of a pair drawn at slot j - (b - n_twins)
                 pictures.append(twins.pop(j))
                 continue
             if self.data.twin_scene == "same" and j < n_twins:

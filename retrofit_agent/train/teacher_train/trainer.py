@@ -240,8 +240,8 @@ class TeacherTrainer:
             else:
                 flat[section] = values
         # The schedule's length: schedule_steps, or else steps, which may change between resumes.
-        flat["optim.schedule_steps"] = flat.get("optim.schedule_steps") or flat.pop("optim.steps", None)
-        flat.pop("optim.steps", None)
+        steps = flat.pop("optim.steps", None)
+        flat["optim.schedule_steps"] = flat.get("optim.schedule_steps") or steps
         return flat
 
     def _truncate_log(self, step: int) -> None:
