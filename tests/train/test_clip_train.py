@@ -356,8 +356,10 @@ def test_a_finished_run_resumed_again_keeps_its_report_unless_the_held_out_set_c
     args = ["teacher-train", "--out", str(out), "--steps", "3", "--resume", "--set", f"model.name={MICRO}"]
     for kv in ("data.render_size=[64,64]", "data.workers=0", "optim.batch_size=8", "optim.warmup_steps=1"):
         args += ["--set", kv]
-    args += ["--set", "eval.every=0", "--set", "eval.render_size=64"]
+    args += ["--set", "eval.every=0", "--set", "eval.render_size=64", "--set", "run.threads=1"]
+    torch.set_num_threads(2)
     assert main([*args, "--set", "eval.scenes=8"]) == 0
+    assert torch.get_num_threads() == 2  # run.threads was the run's: the chain's next stage gets the process's
     report = out / "eval.json"
     first, stamp = json.loads(report.read_text()), report.stat().st_mtime_ns
     assert first["step"] == 3 and first["scenes"] == 8

@@ -101,10 +101,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         raise ConfigError("--checkpoint goes with --eval-only (training writes OUT/checkpoint.pt)")
     # Heavy imports only now: a bad config above fails in a fraction of a second.
+    import torch
+
+    # run.threads is this run's, not the process's: the chain calls commands in-process, and a
+    # teacher stage left at 1 thread once made the distillation after it run on one core of two.
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, args.resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: Any, resume: bool) -> int:
     from retrofit_agent.train.teacher_train.trainer import TeacherTrainer, evaluate_checkpoint
     from retrofit_agent.train.teacher_train.zeroshot_eval import report_table
 
-    summary = TeacherTrainer(cfg, resume=args.resume).fit()
+    summary = TeacherTrainer(cfg, resume=resume).fit()
     done = cfg.run.out_dir / "eval.json"
     report = json.loads(done.read_text()) if done.is_file() else {}
     # A finished run resumed again (the chain does, session after session) keeps its report:
