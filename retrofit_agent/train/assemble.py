@@ -36,6 +36,7 @@ from retrofit_agent.contract.messages import utc_iso
 from retrofit_agent.contract.prompts import PromptSet
 
 MODEL_FILE = "student.int8.onnx"
+FLOAT_MODEL_FILE = "student.fp32.onnx"  # a bundle that ships its float model (quantization.mode "none")
 BANK_FILE = "bank.npz"
 
 
@@ -82,7 +83,8 @@ def assemble_bundle(
 ) -> Path:
     """With ``variants`` (already in ``out``, see train/variants.py), ``model`` is the first of them."""
     out.mkdir(parents=True, exist_ok=True)
-    model_dst, bank_dst = out / (variants[0].file if variants else MODEL_FILE), out / BANK_FILE
+    single = MODEL_FILE if quantization.mode == "int8_static_qdq" else FLOAT_MODEL_FILE
+    model_dst, bank_dst = out / (variants[0].file if variants else single), out / BANK_FILE
     for src, dst in ((model, model_dst), (bank, bank_dst)):
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)

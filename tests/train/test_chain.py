@@ -216,3 +216,30 @@ def test_evaluate_reports_per_group_fidelity_and_regions_on_the_world(chain: dic
             assert s["images_with"] == with_it and 0 <= s["pointing_hits"] <= with_it
             assert s["boxes"] == sum(len(true_boxes(r, key)) for r in records)
     assert (out / "regions.png").stat().st_size > 0 and (out / "world.png").stat().st_size > 0
+
+
+def test_a_bundle_of_the_float_model_says_so_and_names_its_file_for_it(chain: dict):
+    """``[quantize] mode = "none"`` (the reference, whose int8 the gate refuses) bundles the fp32
+    export: the file is named for what it holds, the manifest says it is not quantized, and the
+    daemon labels the drive with it as it does with int8."""
+    from retrofit_agent.contract.bundle import Quantization, load_bundle
+    from retrofit_agent.contract.prompts import load_prompts
+    from retrofit_agent.train.assemble import FLOAT_MODEL_FILE, assemble_bundle
+
+    out = chain["work"] / "bundle-fp32"
+    assemble_bundle(
+        out,
+        Path(chain["results"]["export"]["fp32"]),
+        Path(chain["results"]["bank"]["bank"]),
+        load_prompts(REPO / "models/prompts/automotive.toml"),
+        name="chain-fp32",
+        version="1",
+        trained=None,
+        quantization=Quantization(mode="none"),
+    )
+    m = load_bundle(out).manifest
+    assert m.model.file == FLOAT_MODEL_FILE and m.model.quantization.mode == "none" and m.trained is True
+    assert not (out / "student.int8.onnx").exists()
+    top1 = clip_scores(chain, out, "fp32")
+    print(f"\n[chain figure] the fp32 model bundled: {top1}")
+    assert meets_bar(top1), top1
