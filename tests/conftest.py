@@ -1,4 +1,4 @@
-"""Shared fixtures: the committed reference bundle, generated clips, a daemon runner.
+"""Shared fixtures: the committed seeded bundle, generated clips, a daemon runner.
 
 Plain helpers live in ``helpers.py``; import them from there, never from this file.
 """
@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import zmq
 
-from helpers import REFERENCE, REPO, RunningAgent, agent_command, free_port
+from helpers import REPO, SEEDED, RunningAgent, agent_command, free_port
 
 
 @pytest.fixture(scope="session")
-def reference_bundle() -> Path:
-    return REFERENCE
+def seeded_bundle() -> Path:
+    """The seeded, untrained bundle (tests/fixtures/seeded-bundle): mechanics, not labels."""
+    return SEEDED
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +33,9 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def bundle_copy(tmp_path: Path) -> Path:
-    """A writable copy of the reference bundle, for tampering."""
+    """A writable copy of the seeded bundle, for tampering."""
     dst = tmp_path / "bundle"
-    shutil.copytree(REFERENCE, dst)
+    shutil.copytree(SEEDED, dst)
     return dst
 
 

@@ -21,7 +21,13 @@ from pathlib import Path
 import zmq
 
 REPO = Path(__file__).resolve().parents[1]
+# The shipped reference bundle: trained on the procedural world (models/build_reference.sh).
 REFERENCE = REPO / "models" / "reference"
+# A bundle with the reference's architecture, bank and prompts but seeded, untrained weights
+# (python -m retrofit_agent.train.reference): the tests of the daemon's mechanics use it, because
+# what it publishes does not depend on a training run (its cyclists.present is on for every frame
+# of the generated clips, which the capture tests rely on).
+SEEDED = REPO / "tests" / "fixtures" / "seeded-bundle"
 
 # Every daemon the tests start runs with torch, timm and open_clip made unimportable, so
 # each end-to-end test also proves the runtime is torch-free.

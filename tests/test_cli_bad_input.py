@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from helpers import REFERENCE, REPO, agent_command, free_port
+from helpers import REPO, SEEDED, agent_command, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -539,7 +539,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
         f'[collect.store]\ndirectory = "{tmp}/captures"\n'
     )
     tampered = tmp / "tampered"
-    shutil.copytree(REFERENCE, tampered)
+    shutil.copytree(SEEDED, tampered)
     with open(tampered / "bank.npz", "ab") as f:
         f.write(b"\0")
     keys = tmp / "keys-taken"

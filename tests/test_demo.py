@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REFERENCE, REPO
+from helpers import REFERENCE, REPO, SEEDED
 from retrofit_agent.contract.bundle import read_manifest, write_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,8 +36,8 @@ def test_demo_prints_legend_tags_and_summary():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     manifest = read_manifest(REFERENCE)
-    assert lines[0].startswith(f"bundle {REFERENCE}: {manifest.model_id}, UNTRAINED")
-    assert any(line.startswith("  notice: ") for line in lines[:3])
+    assert lines[0] == f"bundle {REFERENCE}: {manifest.model_id}, trained"
+    assert any(line.startswith("  notice: ") and "synthetic" in line for line in lines[:3])
     assert any(line.startswith("tags   seq=0 ") for line in lines)
     summary = lines.index(f"summary: 6 frames from {manifest.model_id}")
     assert summary > max(i for i, line in enumerate(lines) if line.startswith("tags   "))
@@ -46,15 +46,14 @@ def test_demo_prints_legend_tags_and_summary():
     assert "Traceback" not in r.stderr
 
 
-def test_demo_legend_follows_the_manifest_of_a_trained_bundle(tmp_path):
+def test_demo_legend_says_when_a_bundle_is_untrained(tmp_path):
     if not (Path(sys.executable).parent / "retrofit-agent").exists():
         pytest.skip("the package's scripts are not installed in this environment")
-    bundle = tmp_path / "trained"
-    shutil.copytree(REFERENCE, bundle)
+    bundle = tmp_path / "seeded"
+    shutil.copytree(SEEDED, bundle)
     m = read_manifest(bundle)
-    write_manifest(bundle, m.model_copy(update={"trained": True, "notice": "", "name": "b3-real"}))
+    write_manifest(bundle, m.model_copy(update={"name": "b3-seeded"}))
     r = _demo(bundle, frames=3)
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
-    assert first == f"bundle {bundle}: b3-real@{m.version}, trained"
-    assert "UNTRAINED" not in r.stdout
+    assert first.startswith(f"bundle {bundle}: b3-seeded@{m.version}, UNTRAINED")

@@ -1,13 +1,15 @@
-"""Builds models/reference/: the seeded, UNTRAINED reference bundle.
+"""Builds tests/fixtures/seeded-bundle/: the seeded, UNTRAINED bundle the daemon's tests run.
+
+(The shipped reference, models/reference/, is trained: models/build_reference.sh.)
 
 An EfficientNet-B3 (300x300) + MLP student and a tiny open_clip teacher, both with seeded
 random weights (no pretrained weights can be downloaded where this is built), taken
 through the real pipeline: ONNX export with the per-cell output (10x10 cells at 300 px, so the
 daemon has cells to give regions from) and parity check, static int8 quantization
-calibrated on the sample clip, a text bank from the teacher's text tower over
+calibrated on a generated clip (tests/fixtures/generated-drive.mp4), a text bank from the teacher's text tower over
 models/prompts/automotive.toml, and a hash-checked manifest. Its labels mean nothing.
 
-    python -m retrofit_agent.train.reference --out models/reference
+    python -m retrofit_agent.train.reference --out tests/fixtures/seeded-bundle
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ def build_reference(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m retrofit_agent.train.reference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "models" / "reference")
+    p.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "seeded-bundle")
     p.add_argument("--prompts", type=Path, default=REPO / "models" / "prompts" / "automotive.toml")
-    p.add_argument("--clip", type=Path, default=REPO / "models" / "sample" / "drive.mp4")
+    p.add_argument("--clip", type=Path, default=REPO / "tests" / "fixtures" / "generated-drive.mp4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", default="efficientnet_b3")
     a = p.parse_args(argv)

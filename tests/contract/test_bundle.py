@@ -8,8 +8,8 @@ from retrofit_agent.contract.bundle import load_bank, load_bundle, read_manifest
 from retrofit_agent.contract.errors import BundleError
 
 
-def test_reference_bundle_loads_and_says_it_is_untrained(reference_bundle: Path):
-    b = load_bundle(reference_bundle)
+def test_seeded_bundle_loads_and_says_it_is_untrained(seeded_bundle: Path):
+    b = load_bundle(seeded_bundle)
     m = b.manifest
     assert m.trained is False
     assert "UNTRAINED" in m.notice and "not meaningful" in m.notice
@@ -121,14 +121,14 @@ def test_bank_with_bad_values_is_refused(tmp_path: Path, emb, match):
         load_bank(path)
 
 
-def test_truncated_bank_is_refused(tmp_path: Path, reference_bundle: Path):
+def test_truncated_bank_is_refused(tmp_path: Path, seeded_bundle: Path):
     path = tmp_path / "bank.npz"
-    path.write_bytes((reference_bundle / "bank.npz").read_bytes()[:500])
+    path.write_bytes((seeded_bundle / "bank.npz").read_bytes()[:500])
     with pytest.raises(BundleError, match="not a readable .npz"):
         load_bank(path)
 
 
-def test_manifest_hashes_are_current(reference_bundle: Path):
-    m = read_manifest(reference_bundle)
+def test_manifest_hashes_are_current(seeded_bundle: Path):
+    m = read_manifest(seeded_bundle)
     for rel, digest in m.files.items():
-        assert sha256_file(reference_bundle / rel) == digest
+        assert sha256_file(seeded_bundle / rel) == digest

@@ -1,4 +1,4 @@
-"""The committed reference bundle is reproducible from the script in the repo."""
+"""The committed seeded bundle (tests/fixtures/seeded-bundle) is reproducible from the script in the repo."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import pytest
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 
-def test_rebuilt_reference_bundle_matches_the_committed_one(tmp_path: Path, reference_bundle: Path, clip: Path):
+def test_rebuilt_seeded_bundle_matches_the_committed_one(tmp_path: Path, seeded_bundle: Path, clip: Path):
     pytest.importorskip("torch")
     from retrofit_agent.contract.bundle import load_bundle
     from retrofit_agent.contract.embedder import Embedder
@@ -17,13 +17,13 @@ def test_rebuilt_reference_bundle_matches_the_committed_one(tmp_path: Path, refe
     from retrofit_agent.train.reference import REPO, build_reference
 
     report = build_reference(
-        tmp_path / "ref", REPO / "models/prompts/automotive.toml", REPO / "models/sample/drive.mp4"
+        tmp_path / "ref", REPO / "models/prompts/automotive.toml", REPO / "tests/fixtures/generated-drive.mp4"
     )
     assert report["parity_max_abs_diff"] <= 1e-4
     assert report["int8_vs_fp32_mean_cosine"] >= 0.98
     assert report["model_bytes"] <= 15 * 2**20
 
-    old, new = load_bundle(reference_bundle), load_bundle(tmp_path / "ref")
+    old, new = load_bundle(seeded_bundle), load_bundle(tmp_path / "ref")
     assert new.manifest.embedding_space == old.manifest.embedding_space
     assert new.manifest.bank.groups == old.manifest.bank.groups
     np.testing.assert_allclose(new.bank.embeddings, old.bank.embeddings, atol=1e-5)

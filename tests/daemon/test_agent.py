@@ -1,4 +1,4 @@
-"""The frame loop in-process, with real components: reference bundle, real grabber, real PUB."""
+"""The frame loop in-process, with real components: seeded bundle, real grabber, real PUB."""
 
 import time
 from pathlib import Path
@@ -37,11 +37,11 @@ class ListSource:
         return 0.0
 
 
-def make_agent(tmp_path: Path, frames, reference_bundle: Path):
+def make_agent(tmp_path: Path, frames, seeded_bundle: Path):
     cfg = AgentConfig.model_validate(
         {
             "camera": {"source": "list", "kind": "file"},
-            "model": {"bundle": str(reference_bundle), "intra_op_threads": 1, "warmup_runs": 1},
+            "model": {"bundle": str(seeded_bundle), "intra_op_threads": 1, "warmup_runs": 1},
             "publish": {"endpoint": f"ipc://{tmp_path}/a.sock"},
         }
     )
@@ -71,7 +71,7 @@ def value(metrics: AgentMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels or None)
 
 
-def test_bad_frames_are_converted_or_rejected_and_counted(tmp_path, reference_bundle, subscriber):
+def test_bad_frames_are_converted_or_rejected_and_counted(tmp_path, seeded_bundle, subscriber):
     good = render_frame(1)
     frames = [
         good,
@@ -83,7 +83,7 @@ def test_bad_frames_are_converted_or_rejected_and_counted(tmp_path, reference_bu
         np.zeros((4320, 7680, 3), np.uint8),  # 8K: resized
         good,
     ]
-    agent, metrics = make_agent(tmp_path, frames, reference_bundle)
+    agent, metrics = make_agent(tmp_path, frames, seeded_bundle)
     sub = subscriber(agent.outputs.publisher.endpoint, ("tags",))
     time.sleep(0.3)  # let the subscription reach the PUB socket before the first frame
     logs = run_to_end(agent)
@@ -108,8 +108,8 @@ class FlakySession:
         return self.session.run(*args, **kwargs)
 
 
-def test_inference_failure_is_logged_counted_and_skipped(tmp_path, reference_bundle):
-    agent, metrics = make_agent(tmp_path, [render_frame(i) for i in range(4)], reference_bundle)
+def test_inference_failure_is_logged_counted_and_skipped(tmp_path, seeded_bundle):
+    agent, metrics = make_agent(tmp_path, [render_frame(i) for i in range(4)], seeded_bundle)
     emb = agent.pipeline.embedder
     emb.session = FlakySession(emb.session, fail_on=2)
     logs = run_to_end(agent)

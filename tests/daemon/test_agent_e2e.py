@@ -30,9 +30,9 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def test_tags_events_and_metrics_from_a_running_daemon(start_agent, subscriber, clip: Path, reference_bundle: Path):
+def test_tags_events_and_metrics_from_a_running_daemon(start_agent, subscriber, clip: Path, seeded_bundle: Path):
     sub = None
-    agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(reference_bundle), "--threads", "2")
+    agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(seeded_bundle), "--threads", "2")
     sub = subscriber(agent.endpoint)  # connects while the model loads
     agent.wait_ready()
     msgs = receive(sub, 4.0)
@@ -53,7 +53,7 @@ def test_tags_events_and_metrics_from_a_running_daemon(start_agent, subscriber, 
 
     # Every change in the set of tags that are on is announced by an event on the same frame.
     by_frame = {m["frame_id"]: {(t["group"], t["label"]) for t in m["tags"]} for m in tags}
-    assert events, "the reference bundle turns at least one tag on at the first frame"
+    assert events, "the seeded bundle turns at least one tag on at the first frame"
     for e in events:
         key = (e["tag"]["group"], e["tag"]["label"])
         if e["frame_id"] in by_frame:
@@ -79,8 +79,8 @@ def test_tags_events_and_metrics_from_a_running_daemon(start_agent, subscriber, 
         assert (counter, ()) in s
 
 
-def test_late_subscriber_gets_status(start_agent, subscriber, clip: Path, reference_bundle: Path):
-    agent = start_agent("--camera", str(clip), "--loop", "--realtime", "--bundle", str(reference_bundle))
+def test_late_subscriber_gets_status(start_agent, subscriber, clip: Path, seeded_bundle: Path):
+    agent = start_agent("--camera", str(clip), "--loop", "--realtime", "--bundle", str(seeded_bundle))
     agent.wait_ready()
     time.sleep(1.0)
     sub = subscriber(agent.endpoint, ("status",))
@@ -92,8 +92,8 @@ def test_late_subscriber_gets_status(start_agent, subscriber, clip: Path, refere
     assert status["health"] == "ok" and status["trained"] is False and status["frames_processed"] > 0
 
 
-def test_sigterm_stops_cleanly_without_waiting_for_anything(start_agent, clip: Path, reference_bundle: Path):
-    agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(reference_bundle))
+def test_sigterm_stops_cleanly_without_waiting_for_anything(start_agent, clip: Path, seeded_bundle: Path):
+    agent = start_agent("--camera", str(clip), "--loop", "--bundle", str(seeded_bundle))
     agent.wait_ready()
     time.sleep(0.5)
     t0 = time.monotonic()
@@ -105,31 +105,31 @@ def test_sigterm_stops_cleanly_without_waiting_for_anything(start_agent, clip: P
     assert stopped and stopped[0]["reason"] == "SIGTERM"
 
 
-def test_file_source_ends_cleanly_and_max_frames(start_agent, clip: Path, reference_bundle: Path):
-    full = start_agent("--camera", str(clip), "--bundle", str(reference_bundle))
+def test_file_source_ends_cleanly_and_max_frames(start_agent, clip: Path, seeded_bundle: Path):
+    full = start_agent("--camera", str(clip), "--bundle", str(seeded_bundle))
     assert full.proc.wait(60) == 0
     ended = [e for e in full.events() if e["event"] == "source_finished"]
     assert ended and ended[0]["frames_processed"] == 40
 
-    capped = start_agent("--camera", str(clip), "--bundle", str(reference_bundle), "--max-frames", "5")
+    capped = start_agent("--camera", str(clip), "--bundle", str(seeded_bundle), "--max-frames", "5")
     assert capped.proc.wait(60) == 0
     assert [e for e in capped.events() if e["event"] == "agent_stopped"][0]["frames_processed"] == 5
 
 
-def test_daemon_logs_that_the_reference_bundle_is_untrained(start_agent, clip: Path, reference_bundle: Path):
-    agent = start_agent("--camera", str(clip), "--bundle", str(reference_bundle), "--max-frames", "1")
+def test_daemon_logs_that_a_seeded_bundle_is_untrained(start_agent, clip: Path, seeded_bundle: Path):
+    agent = start_agent("--camera", str(clip), "--bundle", str(seeded_bundle), "--max-frames", "1")
     assert agent.proc.wait(60) == 0
     warn = [e for e in agent.events() if e["event"] == "bundle_untrained"]
     assert warn and "not meaningful" in warn[0]["notice"] and warn[0]["level"] == "warning"
 
 
-def test_runs_without_torch(clip: Path, reference_bundle: Path, tmp_path: Path):
+def test_runs_without_torch(clip: Path, seeded_bundle: Path, tmp_path: Path):
     # run_cli blocks torch/timm/open_clip imports; a full run must still succeed.
     r = run_cli(
         "--camera",
         str(clip),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--max-frames",
         "3",
         "--publish",
@@ -207,13 +207,13 @@ def test_bank_from_other_teacher_exits_2(clip: Path, bundle_copy: Path, tmp_path
     assert_one_line_exit_2(r, "ViT-L-14/openai", "rebuild the bank")
 
 
-def test_missing_video_file_exits_2(reference_bundle: Path, tmp_path: Path):
+def test_missing_video_file_exits_2(seeded_bundle: Path, tmp_path: Path):
     # A file does not appear by waiting (a camera does: tests/daemon/test_camera_life.py).
     r = run_cli(
         "--camera",
         str(tmp_path / "nope.mp4"),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--no-metrics",
         "--publish",
         f"ipc://{tmp_path}/x.sock",
@@ -221,7 +221,7 @@ def test_missing_video_file_exits_2(reference_bundle: Path, tmp_path: Path):
     assert_one_line_exit_2(r, "nope.mp4")
 
 
-def test_metrics_port_in_use_exits_2(clip: Path, reference_bundle: Path, tmp_path: Path):
+def test_metrics_port_in_use_exits_2(clip: Path, seeded_bundle: Path, tmp_path: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -230,7 +230,7 @@ def test_metrics_port_in_use_exits_2(clip: Path, reference_bundle: Path, tmp_pat
             "--camera",
             str(clip),
             "--bundle",
-            str(reference_bundle),
+            str(seeded_bundle),
             "--metrics-address",
             f"127.0.0.1:{port}",
             "--publish",
@@ -239,7 +239,7 @@ def test_metrics_port_in_use_exits_2(clip: Path, reference_bundle: Path, tmp_pat
     assert_one_line_exit_2(r, f"127.0.0.1:{port}", "cannot bind")
 
 
-def test_publish_endpoint_in_use_exits_2(clip: Path, reference_bundle: Path):
+def test_publish_endpoint_in_use_exits_2(clip: Path, seeded_bundle: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -248,7 +248,7 @@ def test_publish_endpoint_in_use_exits_2(clip: Path, reference_bundle: Path):
             "--camera",
             str(clip),
             "--bundle",
-            str(reference_bundle),
+            str(seeded_bundle),
             "--no-metrics",
             "--publish",
             f"tcp://127.0.0.1:{port}",

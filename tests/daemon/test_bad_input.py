@@ -240,9 +240,9 @@ def _manifest_text(reference: Path) -> dict:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzzed_manifests_fail_cleanly(data, reference_bundle, tmp_path):
+def test_fuzzed_manifests_fail_cleanly(data, seeded_bundle, tmp_path):
     """Mutate one field of a real manifest at random: it loads, or fails with one BundleError line."""
-    m = json.loads(json.dumps(_manifest_text(reference_bundle)))
+    m = json.loads(json.dumps(_manifest_text(seeded_bundle)))
     node, path = m, []
     while isinstance(node, (dict, list)) and node:
         key = data.draw(st.sampled_from(list(node.keys()) if isinstance(node, dict) else list(range(len(node)))))

@@ -53,10 +53,10 @@ def _wait_metric(agent, name: str, pred, timeout: float) -> float:
 
 
 @pytest.mark.integration
-def test_a_missing_camera_is_waited_for_ready_and_a_stop_is_clean(start_agent, subscriber, reference_bundle, tmp_path):
+def test_a_missing_camera_is_waited_for_ready_and_a_stop_is_clean(start_agent, subscriber, seeded_bundle, tmp_path):
     cfg = tmp_path / "agent.toml"
     cfg.write_text(LIVE)
-    agent = start_agent("--config", str(cfg), "--camera", "/dev/video97", "--bundle", str(reference_bundle))
+    agent = start_agent("--config", str(cfg), "--camera", "/dev/video97", "--bundle", str(seeded_bundle))
     sub = subscriber(agent.endpoint, ("status",))
     agent.wait_ready()
     status = receive(sub, 2.5)
@@ -74,7 +74,7 @@ def test_a_missing_camera_is_waited_for_ready_and_a_stop_is_clean(start_agent, s
 
 
 @pytest.mark.integration
-def test_sigterm_during_a_hanging_open_is_prompt_and_clean(start_agent, reference_bundle, tmp_path):
+def test_sigterm_during_a_hanging_open_is_prompt_and_clean(start_agent, seeded_bundle, tmp_path):
     import socket
 
     # A server that accepts and never answers: FFmpeg's HTTP open hangs until its timeout.
@@ -85,7 +85,7 @@ def test_sigterm_during_a_hanging_open_is_prompt_and_clean(start_agent, referenc
         cfg = tmp_path / "agent.toml"
         cfg.write_text(LIVE.replace("open_timeout_s = 2.0", "open_timeout_s = 30.0"))
         agent = start_agent(
-            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(seeded_bundle)
         )
         agent.wait_ready()
         time.sleep(1.0)  # the open is now hanging on the grabber thread
@@ -100,12 +100,12 @@ def test_sigterm_during_a_hanging_open_is_prompt_and_clean(start_agent, referenc
 @pytest.mark.integration
 @pytest.mark.slow
 @needs_ffmpeg
-def test_a_camera_that_appears_later_is_picked_up(start_agent, subscriber, clip, reference_bundle, tmp_path):
+def test_a_camera_that_appears_later_is_picked_up(start_agent, subscriber, clip, seeded_bundle, tmp_path):
     port = free_port()
     cfg = tmp_path / "agent.toml"
     cfg.write_text(LIVE)
     agent = start_agent(
-        "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+        "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(seeded_bundle)
     )
     sub = subscriber(agent.endpoint, ("tags", "status"))
     agent.wait_ready()
@@ -133,7 +133,7 @@ def test_a_camera_that_appears_later_is_picked_up(start_agent, subscriber, clip,
 @pytest.mark.slow
 @needs_ffmpeg
 def test_a_frozen_stream_is_a_stall_and_its_buffer_is_never_published_as_new(
-    start_agent, subscriber, clip, reference_bundle, tmp_path
+    start_agent, subscriber, clip, seeded_bundle, tmp_path
 ):
     """SIGSTOP the server: the socket stays open and FFmpeg hands out its buffer after the
     read timeout. Those frames are stale: dropped and counted, never published with a fresh
@@ -145,7 +145,7 @@ def test_a_frozen_stream_is_a_stall_and_its_buffer_is_never_published_as_new(
         cfg = tmp_path / "agent.toml"
         cfg.write_text(LIVE)
         agent = start_agent(
-            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(seeded_bundle)
         )
         sub = subscriber(agent.endpoint, ("tags", "status"))
         agent.wait_ready()
@@ -362,7 +362,7 @@ def test_native_stderr_lines_become_rate_limited_structured_events():
 
 @pytest.mark.integration
 @needs_ffmpeg
-def test_a_corrupt_stream_writes_only_structured_lines(tmp_path, reference_bundle, clip):
+def test_a_corrupt_stream_writes_only_structured_lines(tmp_path, seeded_bundle, clip):
     corrupt = tmp_path / "corrupt.mp4"
     data = bytearray(clip.read_bytes())
     rng = np.random.default_rng(1)
@@ -373,7 +373,7 @@ def test_a_corrupt_stream_writes_only_structured_lines(tmp_path, reference_bundl
         "--camera",
         str(corrupt),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--no-metrics",
         "--publish",
         f"ipc://{tmp_path}/x.sock",
@@ -422,7 +422,7 @@ def test_an_invalid_value_is_an_error_even_when_a_flag_overrides_it(tmp_path, cl
 # --------------------------------------------------------------------------- memory
 
 
-def test_a_config_that_cannot_fit_the_memory_budget_is_refused(tmp_path, clip, reference_bundle):
+def test_a_config_that_cannot_fit_the_memory_budget_is_refused(tmp_path, clip, seeded_bundle):
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         "[limits]\nmemory_mb = 256\n[camera]\nmax_frame_width = 7680\nmax_frame_height = 4320\n"
@@ -435,7 +435,7 @@ def test_a_config_that_cannot_fit_the_memory_budget_is_refused(tmp_path, clip, r
         "--camera",
         str(clip),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--no-metrics",
         "--publish",
         f"ipc://{tmp_path}/x.sock",
@@ -461,7 +461,7 @@ def _peak_rss_mb(pid: int) -> float:
 @pytest.mark.integration
 @needs_ffmpeg
 @pytest.mark.parametrize("size", ["3840x2160", "7680x4320"])
-def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(size, tmp_path, reference_bundle):
+def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(size, tmp_path, seeded_bundle):
     video = tmp_path / f"{size}.mp4"
     subprocess.run(
         [
@@ -503,7 +503,7 @@ def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(si
             "--camera",
             str(video),
             "--bundle",
-            str(reference_bundle),
+            str(seeded_bundle),
             "--no-metrics",
             "--publish",
             f"ipc://{tmp_path}/x.sock",
@@ -532,7 +532,7 @@ def test_4k_and_8k_with_a_30_frame_pre_trigger_campaign_stay_under_the_budget(si
 
 @pytest.mark.integration
 @needs_ffmpeg
-def test_an_8k_source_over_the_default_budget_is_refused_with_one_line(tmp_path, reference_bundle):
+def test_an_8k_source_over_the_default_budget_is_refused_with_one_line(tmp_path, seeded_bundle):
     video = tmp_path / "8k.mp4"
     subprocess.run(
         [
@@ -563,7 +563,7 @@ def test_an_8k_source_over_the_default_budget_is_refused_with_one_line(tmp_path,
         "--camera",
         str(video),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--no-metrics",
         "--publish",
         f"ipc://{tmp_path}/x.sock",

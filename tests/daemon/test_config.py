@@ -96,10 +96,10 @@ def test_missing_config_file(tmp_path: Path):
         load_config(tmp_path / "nope.toml", {})
 
 
-def test_example_campaigns_use_tags_the_reference_bundle_knows(reference_bundle):
+def test_example_campaigns_use_tags_the_reference_bundle_knows(seeded_bundle):
     from retrofit_agent.contract.bundle import load_bundle
     from retrofit_agent.daemon.collect.collector import check_campaign_tags
 
     cfg = load_config(REPO / "deploy" / "agent.toml", environ={})
     assert cfg.collect.campaigns
-    check_campaign_tags(cfg.collect, set(load_bundle(reference_bundle).bank.keys))
+    check_campaign_tags(cfg.collect, set(load_bundle(seeded_bundle).bank.keys))

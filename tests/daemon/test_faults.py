@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.skipif(FFMPEG is None, reason="needs Debian's ffmpeg (scripts/test.sh installs it)")
-def test_live_stream_loss_reconnects_and_seq_stays_monotonic(start_agent, subscriber, clip, reference_bundle, tmp_path):
+def test_live_stream_loss_reconnects_and_seq_stays_monotonic(start_agent, subscriber, clip, seeded_bundle, tmp_path):
     port = free_port()
     server = serve_http_stream(clip, port)
     try:
@@ -26,7 +26,7 @@ def test_live_stream_loss_reconnects_and_seq_stays_monotonic(start_agent, subscr
             "read_timeout_s = 2.0\nopen_timeout_s = 2.0\n"
         )
         agent = start_agent(
-            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(reference_bundle)
+            "--config", str(cfg), "--camera", f"http://127.0.0.1:{port}/live.ts", "--bundle", str(seeded_bundle)
         )
         sub = subscriber(agent.endpoint, ("tags", "status"))
         agent.wait_ready()
@@ -62,14 +62,14 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def test_stuck_and_late_subscribers_cost_nothing(start_agent, subscriber, clip, reference_bundle):
+def test_stuck_and_late_subscribers_cost_nothing(start_agent, subscriber, clip, seeded_bundle):
     # A small send HWM makes the stuck peer overflow within the test's seconds.
     agent = start_agent(
         "--camera",
         str(clip),
         "--loop",
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--threads",
         "2",
         env={"RETROFIT_PUBLISH__SEND_HWM": "5"},

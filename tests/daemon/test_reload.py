@@ -22,12 +22,12 @@ def metric(text: str, prefix: str) -> float:
 
 
 def test_sighup_swaps_in_a_new_bundle_without_restarting_outputs(
-    start_agent, subscriber, clip, bundle_copy, reference_bundle, tmp_path
+    start_agent, subscriber, clip, bundle_copy, seeded_bundle, tmp_path
 ):
     m = read_manifest(bundle_copy)
     write_manifest(bundle_copy, m.model_copy(update={"version": "2.0.0-test"}))
     cfg = tmp_path / "agent.toml"
-    write_cfg(cfg, reference_bundle)
+    write_cfg(cfg, seeded_bundle)
     agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--realtime")
     sub = subscriber(agent.endpoint, ("tags", "events"))
     agent.wait_ready()
@@ -53,13 +53,13 @@ def test_sighup_swaps_in_a_new_bundle_without_restarting_outputs(
 
 
 def test_sighup_refuses_a_bad_bundle_and_keeps_running(
-    start_agent, subscriber, clip, bundle_copy, reference_bundle, tmp_path
+    start_agent, subscriber, clip, bundle_copy, seeded_bundle, tmp_path
 ):
     with open(bundle_copy / "student.int8.onnx", "r+b") as f:
         f.seek(4096)
         f.write(b"\x00" * 16)
     cfg = tmp_path / "agent.toml"
-    write_cfg(cfg, reference_bundle)
+    write_cfg(cfg, seeded_bundle)
     agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--realtime")
     sub = subscriber(agent.endpoint, ("tags",))
     agent.wait_ready()
@@ -75,19 +75,19 @@ def test_sighup_refuses_a_bad_bundle_and_keeps_running(
     assert failed and "sha256 mismatch" in failed[0]["error"]
 
 
-def test_sighup_changes_campaigns(start_agent, subscriber, clip, reference_bundle, tmp_path):
+def test_sighup_changes_campaigns(start_agent, subscriber, clip, seeded_bundle, tmp_path):
     store = tmp_path / "store"
     campaign = (
         '[[collect.campaigns]]\nname = "{name}"\nmin_interval_s = 0\nmax_per_hour = 100000\n'
         'rule = {{ any_of = ["cyclists.present"] }}\n[collect.store]\ndirectory = "{store}"\n'
     )
     cfg = tmp_path / "agent.toml"
-    write_cfg(cfg, reference_bundle, campaign.format(name="first", store=store))
+    write_cfg(cfg, seeded_bundle, campaign.format(name="first", store=store))
     agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--realtime")
     sub = subscriber(agent.endpoint, ("captures",))
     agent.wait_ready()
     time.sleep(1.0)
-    write_cfg(cfg, reference_bundle, campaign.format(name="second", store=store))
+    write_cfg(cfg, seeded_bundle, campaign.format(name="second", store=store))
     agent.proc.send_signal(signal.SIGHUP)
     msgs = receive(sub, 4.0)
     assert agent.stop() == 0

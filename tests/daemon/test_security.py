@@ -41,7 +41,7 @@ def curve_keys(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def test_curve_admits_only_authorised_subscribers(start_agent, clip, reference_bundle, tmp_path, curve_keys):
+def test_curve_admits_only_authorised_subscribers(start_agent, clip, seeded_bundle, tmp_path, curve_keys):
     (curve_keys["authorized"] / "ground-station.key_secret").rename(tmp_path / "client.key_secret")
     client_secret = tmp_path / "client.key_secret"
     cfg = tmp_path / "agent.toml"
@@ -49,7 +49,7 @@ def test_curve_admits_only_authorised_subscribers(start_agent, clip, reference_b
         f'[publish.curve]\nserver_secret_key = "{curve_keys["server_secret"]}"\n'
         f'authorized_keys_dir = "{curve_keys["authorized"]}"\n'
     )
-    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--bundle", str(reference_bundle))
+    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--bundle", str(seeded_bundle))
     ctx = zmq.Context()
     socks = {}
     for name, secret in (("authorised", client_secret), ("stranger", curve_keys["stranger_secret"]), ("plain", None)):
@@ -85,13 +85,13 @@ def test_curve_admits_only_authorised_subscribers(start_agent, clip, reference_b
     assert '"curve": true' in agent.logs()
 
 
-def test_tail_with_curve(start_agent, clip, reference_bundle, tmp_path, curve_keys):
+def test_tail_with_curve(start_agent, clip, seeded_bundle, tmp_path, curve_keys):
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f'[publish.curve]\nserver_secret_key = "{curve_keys["server_secret"]}"\n'
         f'authorized_keys_dir = "{curve_keys["authorized"]}"\n'
     )
-    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--bundle", str(reference_bundle))
+    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--loop", "--bundle", str(seeded_bundle))
     agent.wait_ready()
     r = cli(
         "tail",
@@ -169,7 +169,7 @@ def test_unsigned_bundle_is_refused_when_a_key_is_configured(clip, bundle_copy, 
     assert r.returncode == 0, r.stderr[-1000:]
 
 
-def test_exposed_binds_are_explicit_and_logged(start_agent, clip, reference_bundle, tmp_path):
+def test_exposed_binds_are_explicit_and_logged(start_agent, clip, seeded_bundle, tmp_path):
     from helpers import free_port
 
     port = free_port()
@@ -177,7 +177,7 @@ def test_exposed_binds_are_explicit_and_logged(start_agent, clip, reference_bund
         "--camera",
         str(clip),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--max-frames",
         "2",
         "--publish",

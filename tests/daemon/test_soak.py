@@ -26,9 +26,9 @@ def proc_stats(pid: int) -> dict:
     return {"rss_mb": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": len(os.listdir(f"/proc/{pid}/task"))}
 
 
-def test_soak(start_agent, clip, reference_bundle, tmp_path):
+def test_soak(start_agent, clip, seeded_bundle, tmp_path):
     agent = start_agent(
-        "--camera", str(clip), "--loop", "--bundle", str(reference_bundle), "--threads", "2", "--log-level", "warning"
+        "--camera", str(clip), "--loop", "--bundle", str(seeded_bundle), "--threads", "2", "--log-level", "warning"
     )
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)

@@ -189,14 +189,14 @@ def test_sigterm_ends_tail_with_its_summary(tmp_path):
     assert "summary: " in out and "weather" in out.split("summary: ", 1)[1]
 
 
-def test_legend_reads_trained_and_notice_from_the_manifest(reference_bundle):
+def test_legend_reads_trained_and_notice_from_the_manifest(seeded_bundle):
     from retrofit_agent.contract.bundle import read_manifest
     from retrofit_agent.daemon.tail import legend
 
-    m = read_manifest(reference_bundle)
-    untrained = "\n".join(legend(m, reference_bundle))
+    m = read_manifest(seeded_bundle)
+    untrained = "\n".join(legend(m, seeded_bundle))
     assert "UNTRAINED" in untrained and m.notice in untrained
-    trained = "\n".join(legend(m.model_copy(update={"trained": True, "notice": ""}), reference_bundle))
+    trained = "\n".join(legend(m.model_copy(update={"trained": True, "notice": ""}), seeded_bundle))
     assert f"{m.model_id}, trained" in trained and "UNTRAINED" not in trained
     for g in m.bank.groups:
         assert any(line.split()[0] == g.name for line in trained.splitlines() if line.startswith("  "))

@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from deploy_helpers import DEPLOY, REPO, need, report
-from helpers import REFERENCE, free_port
+from helpers import SEEDED, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,7 +91,7 @@ def emulated_run(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--camera",
         str(CLIP),
         "--bundle",
-        str(REFERENCE),
+        str(SEEDED),
         "--max-frames",
         str(FRAMES),
         "--publish",

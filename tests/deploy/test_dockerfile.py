@@ -132,11 +132,11 @@ def test_runtime_stage_runs_as_a_non_root_video_member_with_retrofit_agent_as_en
 
 
 @pytest.mark.integration
-def test_healthcheck_command_reports_a_ready_daemon_healthy(start_agent, clip: Path, reference_bundle: Path):
+def test_healthcheck_command_reports_a_ready_daemon_healthy(start_agent, clip: Path, seeded_bundle: Path):
     (health,) = [a for op, a in STEPS if op == "HEALTHCHECK"]
     cmd = json.loads(health.split("CMD", 1)[1])
     assert cmd[0] == "python3" and "127.0.0.1:9108/metrics" in cmd[-1]
-    agent = start_agent("--camera", str(clip), "--loop", "--realtime", "--bundle", str(reference_bundle))
+    agent = start_agent("--camera", str(clip), "--loop", "--realtime", "--bundle", str(seeded_bundle))
     probe = [sys.executable, *cmd[1:-1], cmd[-1].replace("9108", str(agent.metrics_port))]
     agent.wait_ready()
     assert subprocess.run(probe, timeout=10).returncode == 0

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from deploy_helpers import DEPLOY, REPO, need, report
-from helpers import REFERENCE, agent_command, free_port
+from helpers import SEEDED, agent_command, free_port
 
 PROM = DEPLOY / "prometheus"
 RULES = sorted((PROM / "rules").glob("*.yml"))
@@ -104,7 +104,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "--loop",
             "--realtime",
             "--bundle",
-            str(REFERENCE),
+            str(SEEDED),
             "--threads",
             "2",
             "--publish",

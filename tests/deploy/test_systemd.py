@@ -23,7 +23,7 @@ import pytest
 import tomllib
 
 from deploy_helpers import DEPLOY, REPO, UNIT, need, report, unit_settings
-from helpers import REFERENCE, agent_command, free_port
+from helpers import SEEDED, agent_command, free_port
 
 README = REPO / "README.md"
 SYSUSERS = REPO / "systemd" / "retrofit-agent.sysusers"
@@ -250,7 +250,7 @@ def notify_run(tmp_path_factory: pytest.TempPathFactory) -> NotifyRun:
                 "--camera",
                 str(fifo),
                 "--bundle",
-                str(REFERENCE),
+                str(SEEDED),
                 "--threads",
                 "2",
                 "--publish",
@@ -408,7 +408,7 @@ def test_daemon_needs_only_the_syscalls_and_socket_families_the_unit_allows(tmp_
                     "--camera",
                     str(clip),
                     "--bundle",
-                    str(REFERENCE),
+                    str(SEEDED),
                     "--max-frames",
                     "5",
                     "--threads",

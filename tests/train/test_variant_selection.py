@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REFERENCE, REPO
+from helpers import REPO, SEEDED
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -43,11 +43,11 @@ def variant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [
             "bundle",
             "--model",
-            str(REFERENCE / "student.int8.onnx"),
+            str(SEEDED / "student.int8.onnx"),
             "--fp32",
             str(fp32),
             "--bank",
-            str(REFERENCE / "bank.npz"),
+            str(SEEDED / "bank.npz"),
             "--prompts",
             str(REPO / "models/prompts/automotive.toml"),
             "--name",
@@ -129,5 +129,5 @@ def test_the_daemon_reports_its_variant_in_status_and_metrics(
 def test_a_bundle_without_variants_has_its_model_as_the_only_variant():
     from retrofit_agent.contract.bundle import read_manifest
 
-    m = read_manifest(REFERENCE)
+    m = read_manifest(SEEDED)
     assert m.variants == [] and list(m.model_variants()) == ["default"]

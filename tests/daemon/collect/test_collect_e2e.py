@@ -15,7 +15,7 @@ from retrofit_agent.daemon.collect.store import CaptureStore
 
 pytestmark = pytest.mark.integration
 
-# The untrained reference bundle turns cyclists.present on for the sample clip's frames,
+# The seeded bundle (tests/fixtures/seeded-bundle) turns cyclists.present on for the sample clip's frames,
 # so this campaign fires on every frame: heavy capture.
 EVERY_FRAME = """
 [[collect.campaigns]]
@@ -43,9 +43,9 @@ def pairs(store: Path) -> tuple[list[Path], list[Path]]:
     return sorted(store.rglob("*.jpg")), sorted(store.rglob("*.json"))
 
 
-def test_captures_are_saved_and_announced(start_agent, subscriber, clip: Path, reference_bundle: Path, tmp_path: Path):
+def test_captures_are_saved_and_announced(start_agent, subscriber, clip: Path, seeded_bundle: Path, tmp_path: Path):
     cfg, store = write_config(tmp_path)
-    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(reference_bundle), "--loop")
+    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(seeded_bundle), "--loop")
     sub = subscriber(agent.endpoint, ("captures",))
     agent.wait_ready()
     msgs = receive(sub, 3.0)
@@ -65,10 +65,10 @@ def test_captures_are_saved_and_announced(start_agent, subscriber, clip: Path, r
 
 
 def test_kill_9_during_heavy_capture_leaves_only_whole_pairs(
-    start_agent, clip: Path, reference_bundle: Path, tmp_path: Path
+    start_agent, clip: Path, seeded_bundle: Path, tmp_path: Path
 ):
     cfg, store = write_config(tmp_path)
-    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(reference_bundle), "--loop")
+    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(seeded_bundle), "--loop")
     agent.wait_ready()
     deadline = time.monotonic() + 30
     while len(pairs(store)[1]) < 25 and time.monotonic() < deadline:
@@ -92,9 +92,9 @@ def test_kill_9_during_heavy_capture_leaves_only_whole_pairs(
     assert [p.with_suffix("") for p in images] == [p.with_suffix("") for p in sidecars]
 
 
-def test_uploader_deleting_while_capture_runs(start_agent, clip: Path, reference_bundle: Path, tmp_path: Path):
+def test_uploader_deleting_while_capture_runs(start_agent, clip: Path, seeded_bundle: Path, tmp_path: Path):
     cfg, store = write_config(tmp_path, max_files=15)
-    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(reference_bundle), "--loop")
+    agent = start_agent("--config", str(cfg), "--camera", str(clip), "--bundle", str(seeded_bundle), "--loop")
     agent.wait_ready()
     uploaded = []
     stop = threading.Event()
@@ -129,7 +129,7 @@ def test_uploader_deleting_while_capture_runs(start_agent, clip: Path, reference
     assert len(sidecars) <= 15
 
 
-def test_unknown_campaign_tag_exits_2(clip: Path, reference_bundle: Path, tmp_path: Path):
+def test_unknown_campaign_tag_exits_2(clip: Path, seeded_bundle: Path, tmp_path: Path):
     cfg = tmp_path / "a.toml"
     cfg.write_text(
         '[[collect.campaigns]]\nname = "x"\nrule = { any_of = ["weather.hail"] }\n'
@@ -141,7 +141,7 @@ def test_unknown_campaign_tag_exits_2(clip: Path, reference_bundle: Path, tmp_pa
         "--camera",
         str(clip),
         "--bundle",
-        str(reference_bundle),
+        str(seeded_bundle),
         "--no-metrics",
         "--publish",
         f"ipc://{tmp_path}/x.sock",
