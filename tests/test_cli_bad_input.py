@@ -84,7 +84,8 @@ def _has_world() -> bool:
 # `world` (the procedural world renderer) is being added alongside this test.
 WORLD = (pytest.mark.skipif(not _has_world(), reason="no 'retrofit-model world' in this tree"),)
 
-R, P = "models/reference", "models/prompts/automotive.toml"
+# R: the seeded bundle (tests/fixtures), whose bank comes from a seeded retrofit-tiny-clip.
+R, P = "tests/fixtures/seeded-bundle", "models/prompts/automotive.toml"
 
 CASES = [
     # ------------------------------------------------------------------ retrofit-agent
