@@ -367,6 +367,10 @@ def test_a_finished_run_resumed_again_keeps_its_report_unless_the_held_out_set_c
     assert report.stat().st_mtime_ns == stamp
     assert main([*args, "--set", "eval.scenes=10"]) == 0
     assert json.loads(report.read_text())["scenes"] == 10
+    assert torch.get_num_threads() == 2
+    assert main([*args, "--set", "eval.scenes=8", "--eval-only"]) == 0  # scoring alone sets run.threads too
+    assert torch.get_num_threads() == 2
+    assert json.loads(report.read_text())["scenes"] == 8
 
 
 def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_path: Path):

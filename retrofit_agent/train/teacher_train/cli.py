@@ -96,18 +96,17 @@ def _run(args: argparse.Namespace) -> int:
         load_label_space(cfg.data.prompts_file)
     except WorldError as e:
         raise ConfigError(f"data.prompts_file: {e}") from None
-    if args.eval_only:
-        return _eval_only(cfg, args.checkpoint)
-    if args.checkpoint is not None:
+    if args.checkpoint is not None and not args.eval_only:
         raise ConfigError("--checkpoint goes with --eval-only (training writes OUT/checkpoint.pt)")
     # Heavy imports only now: a bad config above fails in a fraction of a second.
     import torch
 
     # run.threads is this run's, not the process's: the chain calls commands in-process, and a
     # teacher stage left at 1 thread once made the distillation after it run on one core of two.
+    # Training and --eval-only both set it (evaluate_checkpoint does), so both give it back.
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, args.resume)
+        return _eval_only(cfg, args.checkpoint) if args.eval_only else _train(cfg, args.resume)
     finally:
         torch.set_num_threads(threads)
 
