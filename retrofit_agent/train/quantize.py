@@ -16,6 +16,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from retrofit_agent.contract.errors import ConfigError
+
 _METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -26,10 +28,13 @@ _METHODS = {
 # Name patterns of the parts of an exported timm CNN that are fragile under int8
 # (EfficientNet: the stem sees raw pixel statistics, squeeze-excitation gates multiply
 # activations by sigmoid outputs, the head's last matmul sets the embedding directly).
+# Anchored at the graph's top: the plain export traces the Student ("/backbone/conv_stem/Conv"),
+# the dense one its cell wrapper, which calls the backbone's parts itself ("/conv_stem/Conv").
+# Unanchored or backbone-only patterns once matched nothing in a dense export, silently.
 EXCLUDE_PRESETS = {
-    "first_conv": (r"/backbone/conv_stem/",),
+    "first_conv": (r"^(/backbone)?/conv_stem/", r"^(/backbone)?/bn1/"),
     "se": (r"/se/",),
-    "head": (r"/backbone/conv_head/", r"^/head/"),
+    "head": (r"^(/backbone)?/conv_head/", r"^(/backbone)?/bn2/", r"^/head/"),
 }
 
 
@@ -75,6 +80,10 @@ def quantize_int8(
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
         excluded = nodes_matching(prepped, settings.exclude)
+        # A pattern that names no node would keep nothing in float and pass silently.
+        idle = [e for e in settings.exclude if not nodes_matching(prepped, (e,))]
+        if idle:
+            raise ConfigError(f"--exclude: {', '.join(idle)} matches no node of {fp32_path.name}")
         quantize_static(
             str(prepped),
             str(out_path),

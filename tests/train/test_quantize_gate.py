@@ -62,6 +62,29 @@ def test_int8_passes_the_gate_and_exclusion_is_applied(tiny):
     assert to_ort_format(d / "int8.onnx").stat().st_size > 0
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["plain", "dense"])
+def test_every_exclusion_preset_names_nodes_of_both_exports(tiny, tmp_path, dense):
+    """The dense export traces the backbone's parts under other node names than the plain one; a
+    preset that matches nothing keeps nothing in float and says nothing."""
+    path = export_onnx(tiny["student"], tmp_path / "m.onnx", {}, dense=dense)
+    stem = nodes_matching(path, ("first_conv",))
+    head = nodes_matching(path, ("head",))
+    assert any(n.endswith("/conv_stem/Conv") for n in stem), stem
+    assert any(n.endswith("/conv_head/Conv") for n in head) and any(n.startswith("/head/") for n in head), head
+    assert nodes_matching(path, ("se",))
+    assert not any("/blocks/" in n for n in stem + head)
+
+
+def test_an_exclusion_that_names_no_node_is_refused(tiny, tmp_path):
+    from retrofit_agent.contract.errors import ConfigError
+
+    calib = [tiny["pre"](f) for f in tiny["frames"][:2]]
+    settings = QuantSettings(exclude=("head", "^/no_such_block/"))
+    with pytest.raises(ConfigError, match=r"--exclude: \^/no_such_block/ matches no node of fp32.onnx"):
+        quantize_int8(tiny["dir"] / "fp32.onnx", tmp_path / "q.onnx", INPUT_NAME, calib, settings)
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_torch_fp32_onnx_and_int8_agree_on_the_same_frames(tiny):
     """Three-way parity: the student in torch, its fp32 ONNX and its int8 QDQ, each run the way
     its user runs it (torch eval; the camera's Embedder for both ONNX files)."""
