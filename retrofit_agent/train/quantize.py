@@ -51,13 +51,20 @@ class QuantSettings:
 
 def nodes_matching(model_path: Path, exclude: tuple[str, ...]) -> list[str]:
     """Node names selected by presets (see EXCLUDE_PRESETS) or regular expressions."""
-    import re
+    return _matching(_node_names(model_path), exclude)
 
+
+def _node_names(model_path: Path) -> list[str]:
     import onnx
 
+    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node]
+
+
+def _matching(names: list[str], exclude: tuple[str, ...]) -> list[str]:
+    import re
+
     patterns = [p for e in exclude for p in EXCLUDE_PRESETS.get(e, (e,))]
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node if any(re.search(p, n.name) for p in patterns)]
+    return [n for n in names if any(re.search(p, n) for p in patterns)]
 
 
 class _Batches(CalibrationDataReader):
@@ -79,9 +86,10 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
-        excluded = nodes_matching(prepped, settings.exclude)
+        names = _node_names(prepped)
+        excluded = _matching(names, settings.exclude)
         # A pattern that names no node would keep nothing in float and pass silently.
-        idle = [e for e in settings.exclude if not nodes_matching(prepped, (e,))]
+        idle = [e for e in settings.exclude if not _matching(names, (e,))]
         if idle:
             raise ConfigError(f"--exclude: {', '.join(idle)} matches no node of {fp32_path.name}")
         quantize_static(
