@@ -128,3 +128,22 @@ def test_gate_refuses_a_broken_quantization(tiny):
     with pytest.raises(QualityGateError, match="quality gate refused the int8 model: .*--force"):
         enforce(report, 0.98, 0.95, force=False)
     enforce(report, 0.98, 0.95, force=True)  # forced: written anyway
+
+
+@pytest.mark.parametrize("method", ["minmax", "minmax-mean"])
+def test_minmax_takes_the_extremes_and_minmax_mean_each_pictures_own_range(tiny, tmp_path, method):
+    """The input's quantization range over two calibration pictures, one spanning [-1, 1] and one
+    [-3, 5]: minmax takes [-3, 5] (stretched by the one wide picture), minmax-mean the mean of
+    the two, [-2, 3]. (Read off the scale and zero point onnxruntime wrote for the input.)"""
+    h, w = tiny["spec"].height, tiny["spec"].width
+    narrow = np.linspace(-1, 1, 3 * h * w, dtype=np.float32).reshape(1, 3, h, w)
+    wide = np.linspace(-3, 5, 3 * h * w, dtype=np.float32).reshape(1, 3, h, w)
+    out = tmp_path / "int8.onnx"
+    quantize_int8(tiny["dir"] / "fp32.onnx", out, INPUT_NAME, [narrow, wide], QuantSettings(method=method))
+    graph = onnx.load(str(out)).graph
+    (q,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == INPUT_NAME]
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    scale, zero = float(init[q.input[1]]), int(init[q.input[2]])
+    lo, hi = (-3.0, 5.0) if method == "minmax" else (-2.0, 3.0)
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-3)
+    assert zero == round(-lo / scale)
