@@ -1,6 +1,6 @@
 """The whole chain on the procedural world, in cached, resumable stages:
 
-    world → clip → teacher → distill → export → bank → quantize → bundle → score
+    world → clip → teacher → distill → qat → export → bank → quantize → bundle → score
 
 ``retrofit-model chain --config models/configs/chain-ci.toml --work DIR --out BUNDLE`` runs what is
 not done yet. Each stage records ``done.json`` with a key over its settings and the keys of the
@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retrofit_agent.contract.errors import ConfigError, RetrofitError
 from retrofit_agent.contract.settings import load_settings
 
 log = structlog.get_logger("retrofit_agent.train.chain")
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("world", "clip", "teacher", "distill", "export", "bank", "quantize", "bundle", "score")
+STAGES = ("world", "clip", "teacher", "distill", "qat", "export", "bank", "quantize", "bundle", "score")
 
 
 class _Strict(BaseModel):
@@ -90,6 +90,19 @@ class DistillStage(DistillPhase):
     )
 
 
+class QatStage(_Strict):
+    steps: int = Field(
+        0,
+        ge=0,
+        description="Quantization-aware fine-tune steps (retrofit-model qat) between distill and export; 0: none, "
+        "the distilled student is exported as it is.",
+    )
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    count: int = Field(2000, ge=8, description="World training pictures its batches are drawn from.")
+    threads: int | None = Field(None, ge=1)
+
+
 class ExportStage(_Strict):
     dense: bool = Field(
         True, description="Also export cell_embeddings (export --dense), so the bundle's daemon can give regions."
@@ -104,6 +117,11 @@ class QuantizeStage(_Strict):
     heldout_count: int = Field(200, ge=8)
     min_cosine: float = Field(0.98, ge=0, le=1)
     min_agreement: float = Field(0.95, ge=0, le=1)
+    method: Literal["minmax", "minmax-mean"] = Field(
+        "minmax",
+        description="quantize --method: minmax-mean is the range retrofit-model qat trains under (and what a student "
+        "with rare huge activations needs)",
+    )
     mode: Literal["int8_static_qdq", "none"] = Field(
         "int8_static_qdq",
         description="none: the bundle ships the fp32 model (a student whose int8 the gate refuses; say why in the "
@@ -139,10 +157,20 @@ class ChainConfig(_Strict):
     clip: ClipStage = ClipStage()
     teacher: TeacherStage
     distill: DistillStage
+    qat: QatStage = QatStage()
     export: ExportStage = ExportStage()
     quantize: QuantizeStage = QuantizeStage()
     bundle: BundleStage = BundleStage()
     score: ScoreStage = ScoreStage()
+
+    @model_validator(mode="after")
+    def _qat_matches_calibration(self) -> ChainConfig:
+        if self.qat.steps and self.quantize.mode != "none" and self.quantize.method != "minmax-mean":
+            raise ValueError(
+                "qat.steps > 0 trains under each picture's own range (minmax-mean); set quantize.method = "
+                '"minmax-mean", or the int8 model is calibrated to ranges the fine-tune never saw'
+            )
+        return self
 
 
 def load_chain_config(path: Path) -> ChainConfig:
@@ -204,7 +232,8 @@ class Chain:
             "clip": (),
             "teacher": (),
             "distill": ("world", "teacher"),
-            "export": ("distill",),
+            "qat": ("distill", "world"),
+            "export": ("qat",),
             "bank": ("teacher",),
             "quantize": ("export", "bank", "world"),
             "bundle": ("quantize", "bank"),
@@ -223,6 +252,7 @@ class Chain:
                 _file_text(c.distill.config),
                 [_file_text(p.config) for p in c.distill.pretrain],
             ),
+            "qat": c.qat,
             "export": c.export,
             "bank": str(c.prompts_file),
             "quantize": c.quantize,
@@ -321,14 +351,52 @@ class Chain:
             f"bank.prompts_file={self.cfg.prompts_file}",
             *phase.overrides,
         ]
+        sets += self._shared_cache(phase.config, sets)
         for s in sets:
             argv += ["--set", s]
         _model(argv)
 
+    def _qat(self) -> dict[str, Any]:
+        q, student = self.cfg.qat, self.results["distill"]["student"]
+        if q.steps == 0:
+            return {"student": student, "steps": 0}
+        out = self.path("qat")
+        argv = ["qat", "--checkpoint", student, "--out", str(out), "--steps", str(q.steps)]
+        argv += ["--images", str(self.path("world", "train", "images")), "--count", str(q.count)]
+        argv += ["--held-out", str(self.path("world", "heldout", "images"))]
+        argv += ["--batch-size", str(q.batch_size), "--lr", str(q.lr)]
+        if self.cfg.export.input_size:  # fine-tune at the size the bundle runs at
+            argv += ["--input-size", str(self.cfg.export.input_size)]
+        if q.threads:
+            argv += ["--threads", str(q.threads)]
+        _model(argv)
+        return {"student": str(out / "student.pt"), "steps": q.steps, "metrics": _last_json(out / "metrics.jsonl")}
+
+    def _shared_cache(self, config: Path, sets: list[str]) -> list[str]:
+        """``cache.dir=WORK/teacher-cache/<key>``, one folder per set of teacher outputs, so that phases
+        that store the same ones (the same teacher, pictures, views and tensors, whatever their
+        student, resolution or schedule) build it once rather than once per phase folder. A key
+        that missed a difference would be caught by the cache's own key, which refuses in one line."""
+        from retrofit_agent.train.config import load_distill_config, parse_overrides
+
+        cfg = load_distill_config(config, parse_overrides(sets))
+        if not cfg.cache.enabled or cfg.cache.dir is not None:
+            return []
+        c = cfg.model_dump(mode="json")
+        key = _key(
+            "teacher-cache",
+            {k: v for k, v in c["cache"].items() if k not in ("dir", "batch_size", "on_mismatch")},
+            c["augment"],
+            c["teacher"],
+            {k: v for k, v in c["data"].items() if k not in ("batch_size", "workers")},
+            [cfg.loss.needs_teacher_tokens, cfg.loss.pca_attention > 0 or cfg.loss.pca_value > 0, cfg.loss.dense > 0],
+        )
+        return [f"cache.dir={self.path('teacher-cache', key)}"]
+
     def _export(self) -> dict[str, Any]:
         fp32 = self.path("export", "student.fp32.onnx")
         images = self.path("world", "heldout", "images")
-        argv = ["export", "--checkpoint", self.results["distill"]["student"], "--images", str(images)]
+        argv = ["export", "--checkpoint", self.results["qat"]["student"], "--images", str(images)]
         e = self.cfg.export
         size = ["--input-size", str(e.input_size)] if e.input_size else []
         _model([*argv, "--out", str(fp32), *(["--dense"] if e.dense else []), *size])
@@ -365,6 +433,7 @@ class Chain:
                 *("--held-out", str(self.path("world", "heldout", "images")), "--held-out-count", str(q.heldout_count)),
                 *("--bank", self.results["bank"]["bank"]),
                 *("--min-cosine", str(q.min_cosine), "--min-agreement", str(q.min_agreement)),
+                *("--method", q.method),
             ]
         )
         return {"model": str(int8), "mode": q.mode}
@@ -377,14 +446,15 @@ class Chain:
                 *("--model", self.results["quantize"]["model"], "--bank", self.results["bank"]["bank"]),
                 *("--prompts", str(self.cfg.prompts_file), "--name", b.name, "--version", b.version),
                 *("--quantization", self.cfg.quantize.mode, "--notice", b.notice, "--out", str(self.out)),
-                *(
-                    ("--calibration-note", f"minmax, {self.cfg.quantize.calibration_count} world pictures")
-                    if self.cfg.quantize.mode != "none"
-                    else ()
-                ),
+                *(("--calibration-note", self._calibration_note()) if self.cfg.quantize.mode != "none" else ()),
             ]
         )
         return {"bundle": str(self.out)}
+
+    def _calibration_note(self) -> str:
+        note = f"{self.cfg.quantize.method}, {self.cfg.quantize.calibration_count} world pictures"
+        steps = self.cfg.qat.steps
+        return note + (f", after {steps} steps of quantization-aware fine-tuning (retrofit-model qat)" if steps else "")
 
     def _score(self) -> dict[str, Any]:
         from retrofit_agent.train.world.score import format_scores, read_truth, score_tags

@@ -65,6 +65,10 @@ def test_the_daemon_labels_the_drive_well_above_chance_with_a_bundle_the_chain_t
     assert r["score"]["frames"] > 100
     manifest = json.loads((chain["bundle"] / "manifest.json").read_text())
     assert manifest["trained"] is True and "synthetic" in manifest["notice"]
+    # The int8 model came through the quantization-aware stage and the gate, and says so.
+    assert r["qat"]["steps"] == 20 and r["qat"]["metrics"]["kind"] == "eval"
+    print(f"[chain figure] qat: last simulated int8 agreement {r['qat']['metrics']}")
+    assert "quantization-aware" in manifest["model"]["quantization"]["calibration"]
 
 
 def test_a_second_run_takes_every_stage_from_its_cache(chain: dict, capfd: pytest.CaptureFixture[str]):
@@ -77,7 +81,7 @@ def test_a_second_run_takes_every_stage_from_its_cache(chain: dict, capfd: pytes
         == 0
     )
     err = capfd.readouterr().err
-    assert err.count('"chain_stage_cached"') == 8 and '"chain_stage_started"' not in err
+    assert err.count('"chain_stage_cached"') == 9 and '"chain_stage_started"' not in err
     assert (chain["bundle"] / "student.int8.onnx").read_bytes() == bundle_bytes
 
 

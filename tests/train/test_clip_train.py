@@ -405,7 +405,9 @@ def test_the_chain_trains_a_pretrain_phase_and_starts_the_teacher_from_it(tmp_pa
     assert Chain(cfg, work, tmp_path / "bundle")._stage_key("teacher") != key
 
 
-def test_the_chain_distils_in_phases_each_from_the_last_student(tmp_path: Path, trained: Path, monkeypatch):
+def test_the_chain_distils_in_phases_each_from_the_last_student_sharing_one_teacher_cache(
+    tmp_path: Path, trained: Path, monkeypatch
+):
     from retrofit_agent.train.chain import Chain, ChainConfig
 
     world = tmp_path / "world"
@@ -415,6 +417,7 @@ def test_the_chain_distils_in_phases_each_from_the_last_student(tmp_path: Path, 
         "[data]\nholdout = 4\nbatch_size = 8\nworkers = 0\n"
         "[loss]\npca_attention = 0.0\npca_value = 0.0\ngl = 0.0\nadversarial = 0.0\n"
         "[optim]\nmax_steps = 2\nwarmup_steps = 1\n[run]\ndevice = 'cpu'\neval_every = 1000\n"
+        "[cache]\nenabled = true\n"
     )
     files = []
     for i, size in enumerate((32, 48, 64)):
@@ -442,6 +445,11 @@ def test_the_chain_distils_in_phases_each_from_the_last_student(tmp_path: Path, 
         for d in (work / "distill-pretrain", work / "distill-pretrain-2", work / "distill")
     ]
     assert sizes == [32, 48, 64] and len(result["pretrain_metrics"]) == 2
+    # The three phases store the same teacher outputs: built once, in one shared folder.
+    (shared,) = (work / "teacher-cache").iterdir()
+    assert (shared / "key.json").is_file()
+    assert not any((d / "teacher-cache").exists() for d in (work / "distill-pretrain", work / "distill"))
+    assert all(f"cache.dir={shared}" in argv for argv in calls)
     # each later phase was started from the one before
     starts = [[a for a in argv if a.startswith("student.initial_checkpoint=")] for argv in calls]
     assert starts == [
