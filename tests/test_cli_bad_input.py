@@ -507,6 +507,56 @@ CASES = [
         expect="needs the train extra",
         block=_TRAIN_BLOCKED,
     ),
+    M(
+        "chain",
+        "--config",
+        "{qat_minmax_chain}",
+        "--work",
+        "{tmp}/w",
+        "--out",
+        "{tmp}/b",
+        expect='set quantize.method = "minmax-mean"',
+    ),
+    M(
+        "qat",
+        "--checkpoint",
+        "{tmp}/no.pt",
+        "--images",
+        "{empty}",
+        "--held-out",
+        "{empty}",
+        "--out",
+        "{tmp}/q",
+        expect="argument --checkpoint: no such file",
+    ),
+    M(
+        "qat",
+        "--checkpoint",
+        "{garbage}",
+        "--images",
+        "{empty}",
+        "--held-out",
+        "{empty}",
+        "--out",
+        "{tmp}/q",
+        "--steps",
+        "0",
+        expect="argument --steps",
+    ),
+    M(
+        "qat",
+        "--checkpoint",
+        "{garbage}",
+        "--images",
+        "{empty}",
+        "--held-out",
+        "{empty}",
+        "--out",
+        "{tmp}/q",
+        expect="is it a student.pt from a distill run?",
+        marks=TRAIN,
+        log_lines=1,  # "loading the student": the error comes from reading the file it names,
+    ),
     M("teacher-train", "--config", "{tmp}/no.toml", expect="config file not found"),
     M("teacher-train", "--set", "model.name=nope", "--out", "{tmp}/t", expect="model.name: no open_clip config 'nope'"),
     M("teacher-train", "--steps", "0", "--out", "{tmp}/t", expect="optim.steps: Input should be greater than"),
@@ -535,6 +585,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
     (tmp / "bad.toml").write_text("camera = = 1\n")
     (tmp / "no_templates.toml").write_text('[[groups]]\nname = "g"\n')
     (tmp / "bad_chain.toml").write_text('[distill]\nconfig = "models/configs/ci-student.toml"\n')
+    (tmp / "qat_minmax_chain.toml").write_text(
+        '[teacher]\nconfig = "models/configs/ci-teacher.toml"\n[distill]\nconfig = "models/configs/ci-student.toml"\n'
+        '[qat]\nsteps = 5\n[quantize]\nmethod = "minmax"\n'
+    )
     (tmp / "campaign.toml").write_text(
         '[[collect.campaigns]]\nname = "hail"\nrule = { any_of = ["weather.hail"] }\n'
         f'[collect.store]\ndirectory = "{tmp}/captures"\n'
@@ -557,6 +611,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
         "bad_toml": str(tmp / "bad.toml"),
         "no_templates": str(tmp / "no_templates.toml"),
         "bad_chain": str(tmp / "bad_chain.toml"),
+        "qat_minmax_chain": str(tmp / "qat_minmax_chain.toml"),
         "chain_ci": str(REPO / "models/configs/chain-ci.toml"),
         "campaign_toml": str(tmp / "campaign.toml"),
         "tampered": str(tampered),
