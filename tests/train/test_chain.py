@@ -223,7 +223,7 @@ def test_evaluate_reports_per_group_fidelity_and_regions_on_the_world(chain: dic
 
 
 def test_a_bundle_of_the_float_model_says_so_and_names_its_file_for_it(chain: dict):
-    """``[quantize] mode = "none"`` (the reference, whose int8 the gate refuses) bundles the fp32
+    """``[quantize] mode = "none"`` (for a student whose int8 the gate refuses) bundles the fp32
     export: the file is named for what it holds, the manifest says it is not quantized, and the
     daemon labels the drive with it as it does with int8."""
     from retrofit_agent.contract.bundle import Quantization, load_bundle
