@@ -297,7 +297,10 @@ def finetune(
     student.train()
     freeze_batchnorm(student)
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: numpy rng state inside
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign: say which file, not a pickle traceback
+            raise ConfigError(f"qat: cannot read {ckpt} ({type(e).__name__}); delete it to start over") from None
         if saved.get("settings") != asdict(settings):
             raise ConfigError(f"qat: {ckpt} was written with other settings; delete it or use another --out")
         student.load_state_dict(saved["student"])

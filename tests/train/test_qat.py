@@ -228,6 +228,10 @@ def test_a_finetune_records_its_evals_checkpoints_and_resumes_where_it_stopped(t
     with pytest.raises(qat.ConfigError, match="other settings"):
         qat.finetune(_student(seed=1), batches, held, qat.QatSettings(steps=7), tmp_path, dense=True)
 
+    (tmp_path / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.raises(qat.ConfigError, match="cannot read .*checkpoint.pt"):
+        qat.finetune(_student(seed=1), batches, held, settings, tmp_path, dense=True)
+
 
 def _make_an_outlier_channel(s: Student) -> None:
     """Channel 0 of the last block's output 50x larger, and conv_head's weights on it 50x smaller:
