@@ -87,6 +87,9 @@ WORLD = (pytest.mark.skipif(not _has_world(), reason="no 'retrofit-model world' 
 # R: the seeded bundle (tests/fixtures), whose bank comes from a seeded retrofit-tiny-clip.
 R, P = "tests/fixtures/seeded-bundle", "models/prompts/automotive.toml"
 
+# qat with every path it needs present, and a checkpoint that is not a student file.
+QAT_GARBAGE = ("qat", "--checkpoint", "{garbage}", "--images", "{empty}", "--held-out", "{empty}", "--out", "{tmp}/q")
+
 CASES = [
     # ------------------------------------------------------------------ retrofit-agent
     A("-", "tial", expect="unknown command 'tial'"),
@@ -530,43 +533,19 @@ CASES = [
         expect="argument --checkpoint: no such file",
     ),
     M(
-        "qat",
-        "--checkpoint",
-        "{garbage}",
-        "--images",
-        "{empty}",
-        "--held-out",
-        "{empty}",
-        "--out",
-        "{tmp}/q",
+        *QAT_GARBAGE,
         "--steps",
         "0",
         expect="argument --steps",
     ),
     M(
-        "qat",
-        "--checkpoint",
-        "{garbage}",
-        "--images",
-        "{empty}",
-        "--held-out",
-        "{empty}",
-        "--out",
-        "{tmp}/q",
+        *QAT_GARBAGE,
         expect="is it a student.pt from a distill run?",
         marks=TRAIN,
         log_lines=1,  # "loading the student": the error comes from reading the file it names,
     ),
     M(
-        "qat",
-        "--checkpoint",
-        "{garbage}",
-        "--images",
-        "{empty}",
-        "--held-out",
-        "{empty}",
-        "--out",
-        "{tmp}/q",
+        *QAT_GARBAGE,
         expect="needs the train extra",
         block=_TRAIN_BLOCKED,
     ),

@@ -96,9 +96,6 @@ class Attached:
     quantizers: nn.ModuleDict
     handles: list[Any]
 
-    def __len__(self) -> int:
-        return len(self.quantizers)
-
     def ranges(self) -> dict[str, tuple[float, float]]:
         return {k: (float(q.lo), float(q.hi)) for k, q in self.quantizers.items()}  # type: ignore[arg-type]
 
